@@ -1,0 +1,165 @@
+"""`hpcllm doctor`: the environment report users paste into a bug report.
+
+Each probe returns (name, value, ok). Probes that import heavy or fragile libraries
+(torch, Horovod, mpi4py, h5py) run them inside a try block so one broken piece never hides
+the rest of the report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Check:
+    name: str
+    value: str
+    ok: bool = True
+
+
+def _run(cmd) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"({e})"
+
+
+def python_checks() -> list:
+    from hpcllm import __version__
+    return [Check("hpcllm", __version__), Check("python", f"{platform.python_version()} ({sys.executable})"),
+            Check("platform", platform.platform())]
+
+
+def torch_checks() -> list:
+    try:
+        import torch
+    except Exception as e:  # noqa: BLE001 - report whatever broke
+        return [Check("torch", f"not importable: {e}", False)]
+    checks = [Check("torch", f"{torch.__version__} (threads {torch.get_num_threads()})")]
+    if torch.cuda.is_available():
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        checks.append(Check("cuda", f"{torch.version.cuda}, {torch.cuda.device_count()} x {', '.join(names)}, "
+                                    f"nccl {'.'.join(map(str, torch.cuda.nccl.version()))}"))
+    else:
+        checks.append(Check("cuda", f"not available (torch built with CUDA {torch.version.cuda})"))
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else _cpu_has_fast_bf16()
+    checks.append(Check("bf16", "fast path available" if bf16 else "no native bf16 (fp32 or fp16 preferred)"))
+    return checks
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def mpi_checks() -> list:
+    checks = []
+    mpirun = shutil.which("mpirun")
+    checks.append(Check("mpirun", f"{mpirun}: {_run([mpirun, '--version']).splitlines()[0]}" if mpirun
+                        else "not found", bool(mpirun)))
+    try:
+        from mpi4py import MPI
+        import mpi4py
+        lib = MPI.Get_library_version().strip().splitlines()[0]
+        checks.append(Check("mpi4py", f"{mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))}: {lib}"))
+        cuda_aware = cuda_aware_mpi()
+        checks.append(Check("cuda-aware MPI", {True: "yes", False: "no (pipeline uses staged host copies)",
+                                               None: "unknown (pipeline uses staged host copies)"}[cuda_aware]))
+    except Exception as e:  # noqa: BLE001
+        checks.append(Check("mpi4py", f"not importable: {e}", False))
+    return checks
+
+
+def cuda_aware_mpi():
+    """True/False when Open MPI reports it (ompi_info), None when it cannot tell."""
+    info = shutil.which("ompi_info")
+    if not info:
+        return None
+    out = _run([info, "--parsable", "--all"])
+    for line in out.splitlines():
+        if "mpi_built_with_cuda_support:value" in line:
+            return line.rsplit(":", 1)[-1].strip() == "true"
+    return None
+
+
+def horovod_checks() -> list:
+    try:
+        import horovod
+        import horovod.torch as hvd
+    except Exception as e:  # noqa: BLE001
+        return [Check("horovod", f"not importable: {e}", False)]
+    built = {
+        "frameworks": [n for n, f in [("PyTorch", lambda: True)] if f()],
+        "controllers": [n for n, f in [("MPI", hvd.mpi_built), ("Gloo", hvd.gloo_built)] if f()],
+        "tensor ops": [n for n, f in [("NCCL", hvd.nccl_built), ("DDL", hvd.ddl_built),
+                                      ("CCL", hvd.ccl_built), ("MPI", hvd.mpi_built),
+                                      ("Gloo", hvd.gloo_built)] if f()],
+    }
+    desc = "; ".join(f"{k}: {', '.join(v) or 'none'}" for k, v in built.items())
+    return [Check("horovod", f"{horovod.__version__} ({desc})", "MPI" in built["controllers"])]
+
+
+def horovod_init_check() -> Check:
+    """hvd.init() for real: the only proof the MPI controller works in this environment."""
+    try:
+        import horovod.torch as hvd
+        hvd.init()
+        value = (f"rank {hvd.rank()}/{hvd.size()} local {hvd.local_rank()}/{hvd.local_size()} "
+                 f"cross {hvd.cross_rank()}/{hvd.cross_size()}, mpi_enabled={hvd.mpi_enabled()}")
+        return Check("horovod init", value, True)
+    except Exception as e:  # noqa: BLE001
+        return Check("horovod init", f"failed: {e}", False)
+
+
+def hdf5_checks() -> list:
+    try:
+        import h5py
+    except Exception as e:  # noqa: BLE001
+        return [Check("h5py", f"not importable: {e}", False)]
+    cfg = h5py.get_config()
+    return [Check("h5py", f"{h5py.__version__}, HDF5 {h5py.version.hdf5_version}, "
+                          f"parallel (MPI-IO) {'yes' if cfg.mpi else 'no'}; "
+                          f"HDF5_USE_FILE_LOCKING={os.environ.get('HDF5_USE_FILE_LOCKING', 'unset')}")]
+
+
+def slurm_checks() -> list:
+    found = {c: shutil.which(c) for c in ("sbatch", "srun", "squeue", "scontrol", "sinfo")}
+    have = [c for c, p in found.items() if p]
+    version = _run(["sbatch", "--version"]) if found["sbatch"] else ""
+    checks = [Check("slurm", f"{version or 'not found'}; commands: {', '.join(have) or 'none'}")]
+    if found["srun"]:
+        mpi = _run(["srun", "--mpi=list"])
+        pmix = "pmix" in mpi
+        checks.append(Check("srun --mpi=pmix", "available" if pmix else
+                            "pmix plugin not listed (use mpirun inside the allocation)", True))
+    return checks
+
+
+def topology_checks() -> list:
+    from hpcllm.parallel.topology import Topology
+    topo = Topology.from_env()
+    return [Check("rank layout", topo.describe() + (f", job {topo.job_id}" if topo.job_id else "")),
+            Check("threads per rank", str(topo.threads_per_rank()))]
+
+
+def run_doctor(init_horovod: bool = True) -> list:
+    checks = python_checks() + torch_checks() + mpi_checks() + horovod_checks()
+    if init_horovod:
+        checks.append(horovod_init_check())
+    return checks + hdf5_checks() + slurm_checks() + topology_checks()
+
+
+def format_report(checks, as_json: bool = False) -> str:
+    if as_json:
+        return json.dumps([c.__dict__ for c in checks], indent=2)
+    width = max(len(c.name) for c in checks)
+    return "\n".join(f"{'  ' if c.ok else '!!'} {c.name:<{width}}  {c.value}" for c in checks)

@@ -1,0 +1,1 @@
+"""Parallelism lives here, outside the model: topology, Horovod data parallelism, pipelines."""

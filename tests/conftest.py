@@ -1,0 +1,16 @@
+"""Top-level test configuration: repo on sys.path, shared fixtures for every area.
+
+Areas keep their own fixtures in tests/<area>/conftest.py; the cluster fixtures (mpirun
+runner, localhost Slurm) live in tests/cluster/.
+"""
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# Keep each test process (and the ranks it starts) from fighting over the 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
