@@ -14,3 +14,6 @@ if str(REPO) not in sys.path:
 # Keep each test process (and the ranks it starts) from fighting over the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+
+# The session-scoped localhost Slurm cluster (`slurm_cluster` fixture), started on first use.
+pytest_plugins = ["tests.cluster.conftest_slurm"]
