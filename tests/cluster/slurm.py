@@ -246,8 +246,12 @@ class SlurmCluster:
         except TimeoutError as e:
             raise SlurmStartError(f"{e}\nnode states: {self.node_states()}") from None
 
-    def stop(self) -> None:
-        """Cancel every job, stop the daemons and every process of this cluster."""
+    def stop(self, remove: bool | None = None) -> None:
+        """Cancel every job, stop the daemons and every process of this cluster.
+
+        The directory is removed unless ``remove`` is False or HPCLLM_KEEP_SLURM=1 is set
+        (to read the daemon logs after a failed run).
+        """
         if any(p.poll() is None for p in self.procs.values()):
             self.run(["scancel", "--full", f"--partition={self.partition}"], check=False, timeout=20)
             # give slurmstepd a moment to kill job steps the normal way
@@ -266,6 +270,10 @@ class SlurmCluster:
             except OSError:
                 pass
         self.procs.clear()
+        if remove is None:
+            remove = os.environ.get("HPCLLM_KEEP_SLURM") != "1"
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
         return self
