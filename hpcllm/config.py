@@ -1,0 +1,394 @@
+"""Training configuration: typed dataclasses, TOML files, flag overrides, generated Click options.
+
+Every option of ``hpcllm train`` is a field of one of the section dataclasses below; its
+``metadata["help"]`` is the ``--help`` text and its ``metadata["flag"]`` (default: the field
+name with dashes) the flag. Precedence: field default < ``--config FILE.toml`` < flags.
+
+TOML layout: top-level ``out``, ``steps``, ``seed``; one table per section
+(``[model]``, ``[data]``, ``[optimizer]``, ``[precision]``, ``[parallel]``, ``[checkpoint]``,
+``[logging]``) keyed by field name::
+
+    steps = 2000
+    [model]
+    model = "mini"
+    [data]
+    path = "data/stdlib"
+    micro_batch = 16
+
+Other commands reuse the generated options: ``hpcllm slurm train`` takes the same flags via
+:func:`train_click_options` and passes them on with :func:`to_cli_args`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hpcllm.errors import HpcllmError
+
+
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
+    """A dataclass field carrying its CLI help, flag name and choices."""
+    md = {"help": help}
+    if flag:
+        md["flag"] = flag
+    if choices:
+        md["choices"] = tuple(choices)
+    md.update(kw)
+    return field(default=default, metadata=md)
+
+
+@dataclass
+class ModelConfig:
+    """Model shape: a preset, optionally with some dimensions overridden."""
+
+    model: str = opt("tiny", "Model preset (tiny, mini, small, 124M, 350M, 760M, 1.3B, 2.7B, 6.7B, 13B, 175B).")
+    n_layer: Optional[int] = opt(None, "Override the preset's number of layers.")
+    n_head: Optional[int] = opt(None, "Override the preset's number of attention heads.")
+    d_model: Optional[int] = opt(None, "Override the preset's model width.")
+    seq_len: Optional[int] = opt(None, "Sequence length in tokens [default: the preset's].")
+    pos_emb: Optional[str] = opt(None, "Position encoding [default: learned].", choices=("learned", "rope"))
+
+
+@dataclass
+class DataConfig:
+    """The dataset and how it is cut into batches."""
+
+    path: Optional[str] = opt(None, "Dataset directory written by `hpcllm preprocess` (required).", flag="--data")
+    micro_batch: int = opt(8, "Sequences per forward/backward pass per rank.")
+    accum: int = opt(1, "Gradient accumulation steps: micro-batches per rank per optimizer step.")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = opt(6e-4, "Peak learning rate.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of --lr (end of the cosine).")
+    warmup: int = opt(100, "Linear warmup steps (capped at --steps).")
+    decay_steps: Optional[int] = opt(None, "Step where the cosine reaches its minimum [default: --steps].")
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices and embeddings only; not biases/LayerNorm).")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    eps: float = opt(1e-8, "AdamW epsilon.", flag="--adam-eps")
+    grad_clip: float = opt(1.0, "Clip the global norm of the synchronized gradients to this (0: off).")
+
+
+@dataclass
+class PrecisionConfig:
+    """Autocast dtype and fp16 loss scaling."""
+
+    precision: str = opt("auto", "Compute precision; auto = bf16 where the hardware has fast bf16 (CUDA "
+                         "Ampere+, CPUs with AMX/AVX512-BF16), else fp32.",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    loss_scale: float = opt(65536.0, "fp16: initial dynamic loss scale.")
+    loss_scale_window: int = opt(1000, "fp16: double the loss scale after this many steps without overflow.")
+
+
+@dataclass
+class ParallelConfig:
+    """Devices, threads, Horovod knobs and pipeline layout."""
+
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda; with cuda each rank uses GPU local_rank.",
+                      choices=("auto", "cpu", "cuda"))
+    threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].")
+    grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
+    fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
+    cycle_time_ms: float = opt(0.1, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME).")
+    hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
+                                       "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
+    timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
+    stall_check_s: float = opt(60.0, "Warn when ranks have not joined a collective for this many seconds.")
+    stall_shutdown_s: float = opt(120.0, "Abort the job when a collective stalls this long (a dead rank).")
+    pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).")
+    schedule: str = opt("1f1b", "Pipeline schedule.", choices=("1f1b", "gpipe"))
+    microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum].")
+    balance: Optional[str] = opt(None, "Layers per stage, comma-separated (e.g. 5,4,4,3) [default: even].")
+    recompute: bool = opt(False, "Recompute activations in the backward pass (pipeline) to save memory.")
+
+
+@dataclass
+class CheckpointConfig:
+    """When to write checkpoints and what to resume from."""
+
+    ckpt_every: int = opt(1000, "Write a checkpoint every N steps (and always at the end; 0: only at the end).")
+    keep: int = opt(3, "Keep the newest K checkpoints.", flag="--keep-checkpoints")
+    resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in --out, if any) or a checkpoint "
+                                "directory.")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics, evaluation and throughput accounting."""
+
+    log_every: int = opt(10, "Log metrics every N steps.")
+    eval_every: int = opt(0, "Compute the validation loss every N steps (0: never; also at the end if > 0).")
+    eval_batches: int = opt(8, "Micro-batches per rank for each validation loss.")
+    peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s of one device for MFU [default: by device type].")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "precision": PrecisionConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `hpcllm train` needs."""
+
+    out: Optional[str] = opt(None, "Run directory: checkpoints/, metrics.jsonl, config.json (required).")
+    steps: int = opt(1000, "Optimizer steps to train for (total, including resumed ones).")
+    seed: int = opt(0, "Seed for initialisation and data order.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- option table
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One generated flag: where it lands in TrainConfig and how Click parses it."""
+
+    flag: str          # "--micro-batch"
+    section: str | None  # "data", or None for a top-level field
+    name: str          # "micro_batch"
+    type: type         # int, float, str or bool
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+    @property
+    def param(self) -> str:
+        """The Click parameter (Python keyword) name."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+def _base_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _specs_of(cls, section) -> list[OptionSpec]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        out.append(OptionSpec(flag, section, f.name, _base_type(hints[f.name]), f.default,
+                              f.metadata["help"], f.metadata.get("choices")))
+    return out
+
+
+def option_specs() -> list[OptionSpec]:
+    """All `hpcllm train` flags, generated from the dataclasses (top-level fields first)."""
+    specs = _specs_of(TrainConfig, None)
+    for name, cls in SECTIONS.items():
+        specs += _specs_of(cls, name)
+    flags = [s.flag for s in specs]
+    assert len(flags) == len(set(flags)), "duplicate flag in config dataclasses"
+    return specs
+
+
+def train_click_options() -> list:
+    """Click option decorators for every train flag (plus ``--config``), in help order.
+
+    Every option defaults to None so that only flags given on the command line override the
+    TOML file; the help shows the dataclass default.
+    """
+    import click
+
+    decorators = [click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+                               help="TOML file with any of these settings; flags override it.")]
+    for s in option_specs():
+        shown = "" if s.default is None or "[default" in s.help else f" [default: {_fmt(s.default)}]"
+        if s.type is bool:
+            neg = "--no-" + s.flag[2:]
+            decorators.append(click.option(f"{s.flag}/{neg}", s.param, default=None, help=s.help + shown))
+            continue
+        ctype = click.Choice(list(s.choices)) if s.choices else {int: int, float: float}.get(s.type, str)
+        decorators.append(click.option(s.flag, s.param, type=ctype, default=None, help=s.help + shown))
+    return decorators
+
+
+def add_train_options(func):
+    """Decorate a Click command with :func:`train_click_options`."""
+    for dec in reversed(train_click_options()):
+        func = dec(func)
+    return func
+
+
+def _fmt(v):
+    return str(v).lower() if isinstance(v, bool) else v
+
+
+# --------------------------------------------------------------------------- building
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise HpcllmError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends with "(at line L, column C)"
+        raise HpcllmError(f"{p}: invalid TOML: {e}") from None
+
+
+def _coerce(spec: OptionSpec, value, where: str):
+    if value is None:
+        return None
+    t = spec.type
+    ok = (isinstance(value, bool) if t is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if t is float else
+          isinstance(value, int) and not isinstance(value, bool) if t is int else isinstance(value, str))
+    if not ok:
+        raise HpcllmError(f"{where}: '{spec.name}' must be {t.__name__}, not {value!r}")
+    if spec.choices and value not in spec.choices:
+        raise HpcllmError(f"{where}: '{spec.name}' must be one of {', '.join(spec.choices)}, not {value!r}")
+    return float(value) if t is float else value
+
+
+def apply_mapping(cfg: TrainConfig, data: dict, where: str) -> TrainConfig:
+    """Set fields from a nested dict shaped like the TOML layout (unknown keys are errors)."""
+    specs = {(s.section, s.name): s for s in option_specs()}
+    for key, value in data.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise HpcllmError(f"{where}: [{key}] must be a table")
+            for k, v in value.items():
+                spec = specs.get((key, k))
+                if spec is None:
+                    known = ", ".join(f.name for f in dataclasses.fields(SECTIONS[key]))
+                    raise HpcllmError(f"{where}: unknown key '{k}' in [{key}] (known: {known})")
+                setattr(getattr(cfg, key), k, _coerce(spec, v, where))
+        else:
+            spec = specs.get((None, key))
+            if spec is None:
+                raise HpcllmError(f"{where}: unknown key '{key}' (sections: {', '.join(SECTIONS)}; "
+                                  f"top level: out, steps, seed)")
+            setattr(cfg, key, _coerce(spec, value, where))
+    return cfg
+
+
+def build_config(config_file: str | None = None, **flags) -> TrainConfig:
+    """Defaults, then the TOML file, then every flag whose value is not None.
+
+    ``flags`` are keyed by Click parameter name (``micro_batch``, ``data``, ``keep_checkpoints``).
+    """
+    cfg = TrainConfig()
+    if config_file:
+        apply_mapping(cfg, load_toml(config_file), str(config_file))
+    by_param = {s.param: s for s in option_specs()}
+    for param, value in flags.items():
+        if value is None:
+            continue
+        spec = by_param.get(param)
+        if spec is None:
+            raise HpcllmError(f"unknown train option {param}")
+        target = cfg if spec.section is None else getattr(cfg, spec.section)
+        setattr(target, spec.name, _coerce(spec, value, spec.flag))
+    validate(cfg)
+    return cfg
+
+
+def to_cli_args(flags: dict) -> list[str]:
+    """Turn Click kwargs (as received by a command using :func:`train_click_options`) back
+    into ``hpcllm train`` arguments, keeping only the options that were given."""
+    by_param = {s.param: s for s in option_specs()}
+    args = []
+    if flags.get("config_file"):
+        args += ["--config", str(flags["config_file"])]
+    for param, value in flags.items():
+        spec = by_param.get(param)
+        if spec is None or value is None:
+            continue
+        if spec.type is bool:
+            args.append(spec.flag if value else "--no-" + spec.flag[2:])
+        else:
+            args += [spec.flag, str(value)]
+    return args
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that do not need the dataset; messages name the flag."""
+    def need(cond, msg):
+        if not cond:
+            raise HpcllmError(msg)
+
+    need(cfg.steps >= 1, f"--steps {cfg.steps}: must be >= 1")
+    d, o, c, lg, p = cfg.data, cfg.optimizer, cfg.checkpoint, cfg.logging, cfg.parallel
+    need(d.micro_batch >= 1, f"--micro-batch {d.micro_batch}: must be >= 1")
+    need(d.accum >= 1, f"--accum {d.accum}: must be >= 1")
+    need(o.lr > 0, f"--lr {o.lr}: must be > 0")
+    need(0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio {o.min_lr_ratio}: must be in [0, 1]")
+    need(o.warmup >= 0, f"--warmup {o.warmup}: must be >= 0")
+    need(o.grad_clip >= 0, f"--grad-clip {o.grad_clip}: must be >= 0")
+    need(cfg.precision.loss_scale > 0, f"--loss-scale {cfg.precision.loss_scale}: must be > 0")
+    need(c.ckpt_every >= 0, f"--ckpt-every {c.ckpt_every}: must be >= 0")
+    need(c.keep >= 1, f"--keep-checkpoints {c.keep}: must be >= 1")
+    need(lg.log_every >= 1, f"--log-every {lg.log_every}: must be >= 1")
+    need(lg.eval_every >= 0, f"--eval-every {lg.eval_every}: must be >= 0")
+    need(lg.eval_batches >= 1, f"--eval-batches {lg.eval_batches}: must be >= 1")
+    need(p.threads is None or p.threads >= 1, f"--threads {p.threads}: must be >= 1")
+    need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
+    need(p.fusion_threshold_mb >= 0, f"--fusion-threshold-mb {p.fusion_threshold_mb}: must be >= 0")
+    need(p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
+
+
+def resolve_model(mcfg: ModelConfig, vocab_size: int):
+    """The GPTConfig for a model section and the dataset's vocabulary."""
+    from hpcllm.model.gpt import PRESETS, preset
+
+    if mcfg.model not in PRESETS:
+        raise HpcllmError(f"--model {mcfg.model}: unknown preset (known: {', '.join(PRESETS)})")
+    try:
+        return preset(mcfg.model, n_layer=mcfg.n_layer, n_head=mcfg.n_head, d_model=mcfg.d_model,
+                      seq_len=mcfg.seq_len, pos_emb=mcfg.pos_emb, vocab_size=vocab_size)
+    except ValueError as e:
+        raise HpcllmError(f"--model {mcfg.model}: {e}") from None
+
+
+def effective_config(cfg: TrainConfig, gpt_cfg=None, **extra) -> dict:
+    """The JSON written to RUN_DIR/config.json and each checkpoint: the train config, with
+    ``model`` replaced by the resolved GPTConfig fields (what generate/export rebuild from)
+    and the preset section kept as ``model_options``."""
+    d = cfg.to_dict()
+    if gpt_cfg is not None:
+        d["model_options"] = d["model"]
+        d["model"] = gpt_cfg.to_dict()
+    d.update(extra)
+    return d
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temporary file and rename it over ``path``."""
+    p = Path(path)
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, p)

@@ -1,0 +1,307 @@
+"""A decoder-only GPT in plain PyTorch: no parallelism inside, parallel/ wraps it.
+
+Pre-LayerNorm blocks, causal self-attention through ``F.scaled_dot_product_attention``,
+GELU MLP (4x), input and output embeddings tied, learned or rotary positions, GPT-2
+initialisation, no dropout. The vocabulary is padded to a multiple of 64 so the embedding
+and head matmuls hit fast kernel shapes; padded ids are never targets.
+
+Initialisation is deterministic *per parameter name*: :func:`init_parameters` draws each
+parameter from its own generator seeded by ``(seed, name)``. A pipeline stage that holds only
+``blocks.4`` .. ``blocks.7`` (built with ``GPT(cfg, layers=range(4, 8), ...)`` or from bare
+:class:`Block` modules registered under the same names) therefore gets exactly the values the
+whole model would have, without materialising the whole model.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: the embedding rows are padded to a multiple of this
+VOCAB_MULTIPLE = 64
+#: GPT-2's BPE vocabulary, the default for the named presets' parameter counts
+GPT2_VOCAB = 50257
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT. ``vocab_size`` is the tokenizer's; the model pads it."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    seq_len: int
+    vocab_size: int = GPT2_VOCAB
+    pos_emb: str = "learned"
+    """'learned' (GPT-2 absolute position embeddings) or 'rope' (rotary, no position table)."""
+    mlp_ratio: int = 4
+    bias: bool = True
+    ln_eps: float = 1e-5
+    rope_base: float = 10000.0
+    name: str = "custom"
+    """The preset this shape came from (informational)."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+        if self.pos_emb not in ("learned", "rope"):
+            raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
+        if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head dimension")
+        for f in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _preset(name, n_layer, n_head, d_model, seq_len, vocab_size=GPT2_VOCAB):
+    return GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, seq_len=seq_len,
+                     vocab_size=vocab_size, name=name)
+
+
+#: Named shapes. The test presets use the byte vocabulary (257); the others are the GPT-2
+#: small (124M, context 1024) and GPT-3 paper shapes (context 2048; 1.3B uses 16 heads and
+#: 13B d_model 5120 so heads divide d_model, as in common reimplementations). Training
+#: replaces ``vocab_size`` with the dataset's, so the counts below are for GPT-2's vocabulary.
+PRESETS: dict[str, GPTConfig] = {p.name: p for p in [
+    _preset("tiny", 2, 2, 64, 128, 257),
+    _preset("mini", 4, 4, 128, 256, 257),
+    _preset("small", 4, 4, 256, 256, 257),
+    _preset("124M", 12, 12, 768, 1024),
+    _preset("350M", 24, 16, 1024, 2048),
+    _preset("760M", 24, 16, 1536, 2048),
+    _preset("1.3B", 24, 16, 2048, 2048),
+    _preset("2.7B", 32, 32, 2560, 2048),
+    _preset("6.7B", 32, 32, 4096, 2048),
+    _preset("13B", 40, 40, 5120, 2048),
+    _preset("175B", 96, 96, 12288, 2048),
+]}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A preset's config with some fields replaced (None values are ignored)."""
+    if name not in PRESETS:
+        raise KeyError(name)
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+# --------------------------------------------------------------------------- counting
+
+
+def block_param_count(cfg: GPTConfig) -> int:
+    """Parameters of one transformer block."""
+    d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    b = 1 if cfg.bias else 0
+    ln = 2 * d
+    attn = d * 3 * d + b * 3 * d + d * d + b * d
+    mlp = d * h + b * h + h * d + b * d
+    return 2 * ln + attn + mlp
+
+
+def param_count(cfg: GPTConfig, embeddings: bool = True) -> int:
+    """Exact number of parameters of ``GPT(cfg)`` (tied head counted once).
+
+    With ``embeddings=False``: the non-embedding count (blocks and final LayerNorm).
+    """
+    n = cfg.n_layer * block_param_count(cfg) + 2 * cfg.d_model
+    if embeddings:
+        n += cfg.padded_vocab * cfg.d_model
+        if cfg.pos_emb == "learned":
+            n += cfg.seq_len * cfg.d_model
+    return n
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM's MFU convention.
+
+    Forward: 2 FLOPs per multiply-add for every matmul weight of the blocks, plus the tied
+    output head (d_model x padded vocab), plus attention scores and weighted values
+    (2 x 2 x seq_len x d_model per layer, counted without the causal half-saving).
+    Embedding lookups, LayerNorms, biases and softmax are not counted.
+    """
+    d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    matmul_weights = cfg.n_layer * (4 * d * d + 2 * d * h) + d * cfg.padded_vocab
+    attention = cfg.n_layer * 2 * cfg.seq_len * d
+    return 3 * (2 * matmul_weights + 2 * attention)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+def _rope_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype):
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv)  # (T, hd/2)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (even, odd) of the last dim of ``x`` (B, H, T, hd)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.flatten(-2)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.rope = cfg.pos_emb == "rope"
+        self.rope_base = cfg.rope_base
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.rope:
+            # recomputed per call (cheap next to the matmuls) so no state sits outside the
+            # parameters and a stage needs nothing but its own blocks
+            cos, sin = _rope_cos_sin(T, self.head_dim, self.rope_base, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+class GPT(nn.Module):
+    """The whole model, or a contiguous slice of it for a pipeline stage.
+
+    ``layers`` (a range) selects the blocks held; ``embed``/``head`` whether this module holds
+    the token (and position) embeddings and the final LayerNorm + tied head. With a slice,
+    ``blocks`` is a ModuleDict keyed by the global block index, so parameter names
+    (``blocks.5.attn.qkv.weight``) are those of the whole model. A module with ``head`` but
+    not ``embed`` still owns a ``wte`` (the tied head weight); keeping the two copies equal
+    is the pipeline's job.
+    """
+
+    def __init__(self, cfg: GPTConfig, layers: Iterable[int] | None = None, embed: bool = True,
+                 head: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.has_embed, self.has_head = embed, head
+        whole = layers is None
+        self.layer_ids = list(range(cfg.n_layer)) if whole else list(layers)
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model) if (embed or head) else None
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if (embed and cfg.pos_emb == "learned") else None
+        if whole:
+            self.blocks = nn.ModuleList(Block(cfg) for _ in self.layer_ids)
+        else:
+            self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias) if head else None
+        self.init_weights(0)
+
+    # the pieces, so a pipeline stage can run exactly its part
+    def block_list(self) -> list[Block]:
+        return list(self.blocks) if isinstance(self.blocks, nn.ModuleList) else list(self.blocks.values())
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        T = idx.size(1)
+        if T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        return x
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.block_list():
+            x = blk(x)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ln_f(x), self.wte.weight)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, padded_vocab) for token ids ``idx``, or the mean loss given targets.
+
+        For a slice without the embedding, ``idx`` is the hidden state (B, T, d_model); for a
+        slice without the head, the hidden state is returned.
+        """
+        x = self.embed(idx) if self.has_embed else idx
+        x = self.run_blocks(x)
+        if not self.has_head:
+            return x
+        logits = self.logits(x)
+        return logits if targets is None else lm_loss(logits, targets)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 initialisation, each parameter from a generator seeded by (seed, name)."""
+        init_parameters(self.named_parameters(), seed, self.cfg.n_layer)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _name_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def init_parameters(named_params, seed: int, n_layer: int) -> None:
+    """GPT-2 init by name: LayerNorm weight 1, biases 0, residual output projections
+    (``attn.proj``, ``mlp.proj``) N(0, 0.02/sqrt(2 n_layer)), everything else N(0, 0.02).
+
+    Values are drawn on the CPU in fp32 from a generator seeded by ``(seed, name)`` and then
+    copied, so they do not depend on the device, dtype, or which other parameters exist.
+    """
+    resid_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in named_params:
+        if p.device.type == "meta":
+            continue
+        leaf = name.rsplit(".", 2)
+        if name.endswith(".bias"):
+            p.zero_()
+        elif len(leaf) >= 2 and leaf[-2].startswith("ln_"):
+            p.fill_(1.0)
+        else:
+            std = resid_std if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight") else 0.02
+            g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
