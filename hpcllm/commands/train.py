@@ -1,0 +1,37 @@
+"""`hpcllm train`, `generate`, `plot`: thin Click layers over hpcllm.train."""
+import click
+
+
+# --------------------------------------------------------------------------- generate, plot
+# (train extras helper) Thin wrappers: the work is in hpcllm/train/generate.py and plot.py.
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompt", default="", show_default=True, help="Text to continue (empty: start from end-of-document).")
+@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
+@click.option("--top-k", type=int, default=50, show_default=True, help="Sample among the k most likely tokens (0: all).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device):
+    """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
+    checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
+    tokenizer the model was trained with (checked by sha256). One process, no MPI."""
+    from hpcllm.train.generate import SampleConfig, generate as run_generate
+
+    sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k or None, seed=seed)
+    click.echo(prompt + run_generate(checkpoint, prompt, sample, device=device))
+
+
+@click.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(), default=None,
+              help="Directory for the PNGs [default: RUN_DIR/plots for one run, ./plots for several].")
+def plot(run_dirs, out):
+    """Plot train/val loss and tokens/s of one or more runs (overlaid) from their metrics.jsonl."""
+    from hpcllm.train.plot import plot_runs
+
+    for path in plot_runs(list(run_dirs), out):
+        click.echo(str(path))

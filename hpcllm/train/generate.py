@@ -1,0 +1,398 @@
+"""Sampling text from a trained model: one process, CPU or GPU, no MPI.
+
+A model source is one of
+- a run directory (``RUN/checkpoints/latest`` names the newest complete checkpoint),
+- a checkpoint directory (``RUN/checkpoints/step-00000100/``), or
+- a single file written by ``hpcllm export`` (see :func:`export_payload`).
+
+The tokenizer is the one the model was trained with: a checkpoint records the dataset's
+tokenizer sha256, and the tokenizer is loaded (from a copy in the checkpoint, from the dataset
+directory named in its config.json, or from the exported file) and checked against that hash,
+because decoding with another vocabulary produces plausible-looking garbage.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hpcllm.errors import HpcllmError
+
+#: the ``format`` field of an exported single-file model
+EXPORT_FORMAT = "hpcllm-model"
+EXPORT_VERSION = 1
+
+
+@dataclass
+class SampleConfig:
+    """How to draw tokens from the model's distribution."""
+
+    max_new_tokens: int = 200
+    """Number of tokens to generate after the prompt."""
+    temperature: float = 0.8
+    """Divides the logits before the softmax; 0 means greedy (argmax) decoding."""
+    top_k: int | None = 50
+    """Sample only among the k most likely tokens (None or 0: all tokens; 1: greedy)."""
+    seed: int = 0
+    """Seed of the sampling generator: the same seed gives the same text."""
+    stop_at_eod: bool = True
+    """Stop when the model emits the end-of-document token."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for sampling, with the tokenizer it was trained with."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    model_config: dict
+    source: str
+    step: int | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.model_config["seq_len"])
+
+
+# --------------------------------------------------------------------------- locating
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Return the checkpoint directory or export file that ``path`` designates."""
+    p = Path(path)
+    if not p.exists():
+        raise HpcllmError(f"{p}: no such checkpoint, run directory or exported model")
+    if p.is_file():
+        return p
+    if _is_checkpoint_dir(p):
+        return p
+    ckpts = p / "checkpoints"
+    if ckpts.is_dir():
+        latest = ckpts / "latest"
+        if latest.exists():
+            # `latest` is a symlink or a small text file holding the directory name
+            target = latest.resolve() if latest.is_symlink() else ckpts / latest.read_text().strip()
+            if _is_checkpoint_dir(target):
+                return target
+            raise HpcllmError(f"{latest}: points to {target.name}, which is not a complete checkpoint")
+        steps = sorted(d for d in ckpts.glob("step-*") if not d.name.endswith(".tmp") and _is_checkpoint_dir(d))
+        if steps:
+            return steps[-1]
+        raise HpcllmError(f"{ckpts}: no complete checkpoint (step-*/ with model.pt and config.json)")
+    raise HpcllmError(
+        f"{p}: not a run directory (no checkpoints/), a checkpoint directory (no model.pt) "
+        "or an exported model file"
+    )
+
+
+def _is_checkpoint_dir(d: Path) -> bool:
+    return d.is_dir() and (d / "config.json").is_file() and (
+        (d / "model.pt").is_file() or any(d.glob("model-stage*.pt"))
+    )
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HpcllmError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise HpcllmError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise HpcllmError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _model_config_of(config: dict, where: Path) -> dict:
+    """The GPTConfig fields inside a run's config.json."""
+    for key in ("model", "model_config", "gpt"):
+        sub = config.get(key)
+        if isinstance(sub, dict) and "n_layer" in sub:
+            return dict(sub)
+    if "n_layer" in config:
+        return dict(config)
+    raise HpcllmError(f"{where}: no model configuration (expected a 'model' section with n_layer, n_head, ...)")
+
+
+def _data_dir_of(config: dict) -> str | None:
+    data = config.get("data")
+    if isinstance(data, str):
+        return data
+    if isinstance(data, dict):
+        for key in ("path", "data", "dir", "data_dir"):
+            if isinstance(data.get(key), str):
+                return data[key]
+    for key in ("data_dir", "data_path"):
+        if isinstance(config.get(key), str):
+            return config[key]
+    return None
+
+
+def _recorded_sha(*sources: dict) -> str | None:
+    for src in sources:
+        if not isinstance(src, dict):
+            continue
+        for key in ("tokenizer_sha256",):
+            if isinstance(src.get(key), str):
+                return src[key]
+        tok = src.get("tokenizer")
+        if isinstance(tok, dict) and isinstance(tok.get("sha256"), str):
+            return tok["sha256"]
+        data = src.get("data")
+        if isinstance(data, dict) and isinstance(data.get("tokenizer_sha256"), str):
+            return data["tokenizer_sha256"]
+    return None
+
+
+def _merge_state_dicts(ckpt: Path) -> dict:
+    single = ckpt / "model.pt"
+    if single.is_file():
+        state = _torch_load(single)
+    else:
+        # pipeline checkpoints: one file per stage, parameter names are the whole model's
+        state = {}
+        for f in sorted(ckpt.glob("model-stage*.pt")):
+            state.update(_torch_load(f))
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    return state
+
+
+def _tokenizer_from_json_text(text: str) -> Any:
+    from hpcllm.data.tokenizer import load_tokenizer
+
+    # load_tokenizer takes a path; the export carries the file's bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / "tokenizer.json"
+        p.write_text(text, encoding="utf-8")
+        return load_tokenizer(str(p))
+
+
+def _load_checkpoint_tokenizer(ckpt: Path, config: dict, trainer: dict) -> Any:
+    from hpcllm.data.tokenizer import load_tokenizer, tokenizer_from_dataset
+
+    want = _recorded_sha(trainer, config)
+    copy = ckpt / "tokenizer.json"
+    if copy.is_file():
+        tok, where = load_tokenizer(str(copy)), str(copy)
+    else:
+        data_dir = _data_dir_of(config)
+        if data_dir is None:
+            if config.get("tokenizer") in (None, "byte") or (isinstance(config.get("tokenizer"), dict)
+                                                               and config["tokenizer"].get("type") == "byte"):
+                tok, where = load_tokenizer("byte"), "byte"
+            else:
+                raise HpcllmError(f"{ckpt / 'config.json'}: names no dataset directory to find the tokenizer in")
+        else:
+            if not Path(data_dir).is_dir():
+                raise HpcllmError(
+                    f"{ckpt / 'config.json'}: dataset directory {data_dir} (which holds the tokenizer) does not exist"
+                )
+            where = data_dir
+            try:
+                tok = tokenizer_from_dataset(data_dir)
+            except HpcllmError as e:
+                raise HpcllmError(f"tokenizer of {ckpt}: {e}") from None
+            except (FileNotFoundError, OSError) as e:
+                raise HpcllmError(f"{data_dir}: tokenizer file missing ({e.filename or e})") from None
+    if want is not None and tok.sha256 != want:
+        raise HpcllmError(
+            f"{where}: tokenizer sha256 {tok.sha256[:12]}… differs from the {want[:12]}… recorded in {ckpt} "
+            "(the dataset's tokenizer changed since training)"
+        )
+    return tok
+
+
+def _build_model(model_config: dict, state: dict, where: Path) -> torch.nn.Module:
+    from hpcllm.model.gpt import GPT, GPTConfig
+
+    try:
+        cfg = GPTConfig(**model_config)
+    except TypeError as e:
+        raise HpcllmError(f"{where}: model configuration does not match this hpcllm version: {e}") from None
+    model = GPT(cfg)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    # training may have saved bf16/fp16 tensors; sampling runs in the model's own dtype
+    ref = model.state_dict()
+    state = {k: (v.to(ref[k].dtype) if k in ref and torch.is_tensor(v) else v) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # the tied head may be stored only once under either name
+    missing = [m for m in missing if not m.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise HpcllmError(
+            f"{where}: weights do not fit the model configuration "
+            f"(missing {missing[:3]}{'…' if len(missing) > 3 else ''}, unexpected {unexpected[:3]})"
+        )
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
+    """Load a model and its tokenizer from a run dir, checkpoint dir or exported file."""
+    src = resolve_checkpoint(path)
+    step = None
+    if src.is_file():
+        payload = _torch_load(src)
+        if not isinstance(payload, dict) or payload.get("format") not in (EXPORT_FORMAT, None) or "model" not in payload:
+            raise HpcllmError(f"{src}: not an hpcllm exported model (no 'model'/'config' entries)")
+        model_config = dict(payload["config"])
+        tinfo = payload.get("tokenizer") or {"type": "byte"}
+        if tinfo.get("type") == "byte" or not tinfo.get("json"):
+            from hpcllm.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer("byte")
+        else:
+            tok = _tokenizer_from_json_text(tinfo["json"])
+        if tinfo.get("sha256") and tok.sha256 != tinfo["sha256"]:
+            raise HpcllmError(f"{src}: embedded tokenizer sha256 {tok.sha256[:12]}… differs from the recorded "
+                              f"{tinfo['sha256'][:12]}…")
+        state = payload["model"]
+        step = payload.get("step")
+    else:
+        config = _read_json(src / "config.json")
+        trainer = _read_json(src / "trainer.json") if (src / "trainer.json").is_file() else {}
+        model_config = _model_config_of(config, src / "config.json")
+        tok = _load_checkpoint_tokenizer(src, config, trainer)
+        state = _merge_state_dicts(src)
+        step = trainer.get("step")
+    model = _build_model(model_config, state, src)
+    model_vocab = int(model_config.get("vocab_size", tok.vocab_size))
+    if tok.vocab_size > model_vocab:
+        raise HpcllmError(f"{src}: tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}")
+    dev = _device(device)
+    model.to(dev).eval()
+    return LoadedModel(model=model, tokenizer=tok, model_config=model_config, source=str(src), step=step)
+
+
+def _device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HpcllmError(f"--device {device}: CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise HpcllmError(f"--device {device}: {e}") from None
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    out = model(idx)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+def next_token_distribution(logits: torch.Tensor, vocab_size: int, temperature: float,
+                            top_k: int | None) -> torch.Tensor | None:
+    """Probabilities (1-D, float32) for the next token from the last position's logits.
+
+    Returns None for greedy decoding (temperature 0 or top-k 1): the caller takes the argmax.
+    Ids past ``vocab_size`` (padding of the embedding) get probability 0.
+    """
+    logits = logits[..., :vocab_size].float()
+    if temperature <= 0 or top_k == 1:
+        return None
+    logits = logits / temperature
+    if top_k and top_k < vocab_size:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleConfig, *, seq_len: int,
+                 vocab_size: int, eod_id: int | None = None) -> list[int]:
+    """Extend ``prompt_ids`` by up to ``sample.max_new_tokens`` tokens; returns only the new ids.
+
+    The context is cropped to the last ``seq_len`` tokens (the model has no positions beyond).
+    """
+    if sample.temperature < 0:
+        raise HpcllmError(f"--temperature {sample.temperature}: must be >= 0")
+    if sample.top_k is not None and sample.top_k < 0:
+        raise HpcllmError(f"--top-k {sample.top_k}: must be >= 0")
+    device = next(model.parameters()).device
+    # the generator lives on the CPU so a seed gives the same text on CPU and GPU
+    gen = torch.Generator(device="cpu").manual_seed(sample.seed)
+    ids = list(prompt_ids) if prompt_ids else ([eod_id] if eod_id is not None else [0])
+    start = len(ids) if prompt_ids else 0
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(sample.max_new_tokens):
+            ctx = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
+            last = _logits(model, ctx)[0, -1].cpu()
+            probs = next_token_distribution(last, vocab_size, sample.temperature, sample.top_k)
+            nxt = int(torch.argmax(last[:vocab_size])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
+            ids.append(nxt)
+            if sample.stop_at_eod and eod_id is not None and nxt == eod_id:
+                break
+    finally:
+        model.train(was_training)
+    return ids[start:] if prompt_ids else ids[1:]
+
+
+def generate_text(loaded: LoadedModel, prompt: str, sample: SampleConfig) -> str:
+    """The completion of ``prompt`` (without the prompt), decoded; the EOD token is dropped."""
+    tok = loaded.tokenizer
+    new = generate_ids(loaded.model, tok.encode(prompt), sample, seq_len=loaded.seq_len,
+                       vocab_size=tok.vocab_size, eod_id=tok.eod_id)
+    if new and sample.stop_at_eod and new[-1] == tok.eod_id:
+        new = new[:-1]
+    return tok.decode(new)
+
+
+def generate(checkpoint: str | os.PathLike, prompt: str, sample: SampleConfig | None = None,
+             device: str = "cpu") -> str:
+    """Load ``checkpoint`` and return the sampled completion of ``prompt``."""
+    return generate_text(load_model(checkpoint, device=device), prompt, sample or SampleConfig())
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_payload(checkpoint: str | os.PathLike) -> dict:
+    """The single-file form of a checkpoint: config, fp32 state dict and the tokenizer itself."""
+    loaded = load_model(checkpoint, device="cpu")
+    tok = loaded.tokenizer
+    tok_json = None
+    if getattr(tok, "type", "byte") != "byte":
+        tok_json = _tokenizer_json_text(tok, Path(loaded.source))
+    return {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "config": loaded.model_config,
+        "model": {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()},
+        "tokenizer": {"type": tok.type, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
+                      "sha256": tok.sha256, "json": tok_json},
+        "step": loaded.step,
+    }
+
+
+def _tokenizer_json_text(tok: Any, ckpt: Path) -> str:
+    # the file's exact bytes, so the embedded copy hashes to the recorded sha256
+    path = getattr(tok, "path", None)
+    if path and Path(path).is_file():
+        return Path(path).read_bytes().decode("utf-8")
+    raise HpcllmError(f"{ckpt}: the BPE tokenizer's file is gone; cannot embed it in the export")
+
+
+def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write :func:`export_payload` to ``out`` atomically."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(export_payload(checkpoint), tmp)
+    os.replace(tmp, out)
+    return out
