@@ -115,14 +115,24 @@ def _torch_load(path: Path) -> Any:
         raise HpcllmError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _model_config_of(config: dict, where: Path) -> dict:
-    """The GPTConfig fields inside a run's config.json."""
-    for key in ("model", "model_config", "gpt"):
-        sub = config.get(key)
-        if isinstance(sub, dict) and "n_layer" in sub:
-            return dict(sub)
-    if "n_layer" in config:
+def _model_config_of(config: dict, where: Path, vocab_size: int | None = None) -> dict:
+    """The GPTConfig fields inside a run's config.json (hpcllm.config.effective_config puts
+    the resolved GPTConfig under ``model``; the preset options under ``model_options``)."""
+    def resolved(d):
+        return isinstance(d, dict) and isinstance(d.get("n_layer"), int) and isinstance(d.get("vocab_size"), int)
+
+    for key in ("model", "gpt", "model_config"):
+        if resolved(config.get(key)):
+            return dict(config[key])
+    if resolved(config):
         return dict(config)
+    # only the preset section: resolve it the way `hpcllm train` does
+    opts = config.get("model_options") or config.get("model")
+    if isinstance(opts, dict) and isinstance(opts.get("model"), str) and vocab_size is not None:
+        from hpcllm.config import ModelConfig, resolve_model
+
+        known = {k: v for k, v in opts.items() if k in ModelConfig.__dataclass_fields__}
+        return resolve_model(ModelConfig(**known), vocab_size).to_dict()
     raise HpcllmError(f"{where}: no model configuration (expected a 'model' section with n_layer, n_head, ...)")
 
 
@@ -197,6 +207,12 @@ def _load_checkpoint_tokenizer(ckpt: Path, config: dict, trainer: dict) -> Any:
                 raise HpcllmError(f"{ckpt / 'config.json'}: names no dataset directory to find the tokenizer in")
         else:
             if not Path(data_dir).is_dir():
+                # a relative --data was relative to where training started: try next to the run
+                for base in (ckpt.parent.parent.parent, ckpt.parent.parent):
+                    if (base / data_dir).is_dir():
+                        data_dir = str(base / data_dir)
+                        break
+            if not Path(data_dir).is_dir():
                 raise HpcllmError(
                     f"{ckpt / 'config.json'}: dataset directory {data_dir} (which holds the tokenizer) does not exist"
                 )
@@ -262,8 +278,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     else:
         config = _read_json(src / "config.json")
         trainer = _read_json(src / "trainer.json") if (src / "trainer.json").is_file() else {}
-        model_config = _model_config_of(config, src / "config.json")
         tok = _load_checkpoint_tokenizer(src, config, trainer)
+        model_config = _model_config_of(config, src / "config.json", tok.vocab_size)
         state = _merge_state_dicts(src)
         step = trainer.get("step")
     model = _build_model(model_config, state, src)
