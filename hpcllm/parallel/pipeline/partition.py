@@ -122,49 +122,48 @@ def explicit(counts: list[int], n_layer: int, stages: int) -> Partition:
 
 def param_costs(cfg) -> PieceCosts:
     """Parameter counts of the embedding, each block and the head (tied: the last stage
-    keeps its own copy of the embedding matrix, so it counts there too), from modules built
-    on the meta device: nothing is allocated."""
-    import torch
+    keeps its own copy of the embedding matrix, so it counts there too)."""
+    from hpcllm.model.gpt import block_param_count
 
-    from hpcllm.parallel.pipeline.stage import build_pieces
-
-    with torch.device("meta"):
-        embed, blocks, head = build_pieces(cfg, range(min(cfg.n_layer, 1)), first=True, last=True)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    per_block = count(blocks[0]) if blocks else 0
-    return PieceCosts(embed=float(count(embed)), blocks=(float(per_block),) * cfg.n_layer, head=float(count(head)))
+    embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
+    head = cfg.padded_vocab * cfg.d_model + 2 * cfg.d_model
+    return PieceCosts(embed=float(embed), blocks=(float(block_param_count(cfg)),) * cfg.n_layer, head=float(head))
 
 
-def measured_costs(cfg, micro_batch: int, device="cpu", autocast_dtype=None, repeats: int = 3) -> PieceCosts:
+def measured_costs(cfg, micro_batch: int, device="cpu", autocast=None, repeats: int = 3) -> PieceCosts:
     """Forward+backward seconds of the embedding, one block and the head+loss on one
-    micro-batch (the blocks are identical, so one is timed and repeated)."""
+    micro-batch (the blocks are identical, so one is timed and stands for all).
+    ``autocast`` is the run's forward context factory."""
+    import contextlib
+
     import torch
 
-    from hpcllm.parallel.pipeline.stage import build_pieces
+    from hpcllm.model.gpt import GPT, lm_loss
 
-    torch.manual_seed(0)
-    embed, blocks, head = build_pieces(cfg, range(1), first=True, last=True)
-    embed, block, head = embed.to(device), blocks[0].to(device), head.to(device)
-    x = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), device=device)
-    ctx = (lambda: torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)) if autocast_dtype \
-        else (lambda: torch.autocast(device_type=torch.device(device).type, enabled=False))
+    ctx = autocast or contextlib.nullcontext
+    dev = torch.device(device)
+    model = GPT(cfg, layers=range(1), embed=True, head=True).to(dev)
+    block = model.block_list()[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_len), generator=g).to(dev)
+    h = torch.randn(micro_batch, cfg.seq_len, cfg.d_model, generator=g).to(dev)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def timed(fn):
         fn()  # warm-up: allocator, kernels
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         for _ in range(repeats):
             fn()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t) / repeats
-
-    h = torch.randn(micro_batch, cfg.seq_len, cfg.d_model, device=device)
 
     def run_embed():
         with ctx():
-            out = embed(x)
+            out = model.embed(x)
         out.float().sum().backward()
 
     def run_block():
@@ -176,7 +175,7 @@ def measured_costs(cfg, micro_batch: int, device="cpu", autocast_dtype=None, rep
     def run_head():
         hh = h.detach().requires_grad_(True)
         with ctx():
-            loss = head(hh, x)
+            loss = lm_loss(model.logits(hh), x)
         loss.backward()
 
     t_block = timed(run_block)
@@ -184,7 +183,7 @@ def measured_costs(cfg, micro_batch: int, device="cpu", autocast_dtype=None, rep
 
 
 def make_partition(cfg, stages: int, spec: str | None, micro_batch: int = 1, device="cpu",
-                   autocast_dtype=None, comm=None) -> Partition:
+                   autocast=None, comm=None) -> Partition:
     """The partition for ``--balance spec``.  With ``auto`` the costs are measured on rank 0
     of ``comm`` and broadcast, so every rank derives the same partition."""
     how = parse_balance(spec)
@@ -194,7 +193,7 @@ def make_partition(cfg, stages: int, spec: str | None, micro_batch: int = 1, dev
         return balance(param_costs(cfg), stages)
     costs = None
     if comm is None or comm.Get_rank() == 0:
-        costs = measured_costs(cfg, micro_batch, device=device, autocast_dtype=autocast_dtype)
+        costs = measured_costs(cfg, micro_batch, device=device, autocast=autocast)
     if comm is not None:
         costs = comm.bcast(costs, root=0)
     return balance(costs, stages)

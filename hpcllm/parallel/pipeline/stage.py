@@ -1,0 +1,87 @@
+"""This rank's pipeline stage: only its slice of the GPT, nothing else is ever allocated.
+
+The stage is a :class:`hpcllm.model.gpt.GPT` built with ``layers=`` its blocks and
+``embed``/``head`` for the first/last stage, so its parameter names are those of the whole
+model (``blocks.5.attn.qkv.weight``) and its initial values are exactly the whole model's
+(initialisation is per parameter name).  The last stage owns its own copy of the tied
+embedding matrix (``wte.weight``) for the head; the pipeline sums the two copies' gradients
+so they stay equal.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from hpcllm.model.gpt import GPT, GPTConfig, lm_loss
+from hpcllm.parallel.pipeline.partition import Partition
+
+#: the tied embedding matrix, held by the first stage and (as the head) by the last
+TIED = "wte.weight"
+
+
+class PipelineStage(torch.nn.Module):
+    """Stage ``stage`` of ``partition``: ``forward(tokens_or_hidden, targets=None)``.
+
+    First stage: token ids -> embedding -> its blocks -> hidden state.  Middle stages:
+    hidden -> blocks -> hidden.  Last stage: hidden -> blocks -> final norm -> head -> the
+    micro-batch's mean loss.  With ``recompute`` each block's activations are recomputed
+    in the backward pass (only block inputs are kept).
+    """
+
+    def __init__(self, cfg: GPTConfig, partition: Partition, stage: int, seed: int = 0,
+                 recompute: bool = False, device="cpu"):
+        super().__init__()
+        self.cfg, self.stage, self.stages = cfg, stage, partition.stages
+        self.first, self.last = stage == 0, stage == partition.stages - 1
+        self.recompute = recompute
+        # built on the meta device then materialised: GPT.__init__ would otherwise draw a
+        # throw-away initialisation on the CPU first
+        with torch.device("meta"):
+            self.gpt = GPT(cfg, layers=partition.blocks(stage), embed=self.first, head=self.last)
+        self.gpt.to_empty(device=device)
+        self.gpt.init_weights(seed)
+
+    # parameter names as in the whole model (no "gpt." prefix), for checkpoints and export
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        return self.gpt.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=remove_duplicate)
+
+    def state_dict(self, *args, **kwargs):
+        return self.gpt.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.gpt.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def tied_parameter(self) -> torch.nn.Parameter | None:
+        """The embedding/head matrix when this stage is the first or the last (P > 1)."""
+        if self.stages > 1 and (self.first or self.last):
+            return self.gpt.wte.weight
+        return None
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        g = self.gpt
+        if self.first:
+            x = g.embed(x)
+        for blk in g.block_list():
+            if self.recompute and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        if not self.last:
+            return x
+        return lm_loss(g.logits(x), targets)
+
+
+def activation_dtype(cfg: GPTConfig, autocast_factory, device="cpu") -> torch.dtype:
+    """The dtype of a block's output under this run's autocast: what travels between stages.
+
+    Probed on a 1-layer, 1-token copy of a block (the residual stream usually stays fp32
+    under autocast; a model run fully in bf16 sends bf16).
+    """
+    from hpcllm.model.gpt import Block
+
+    small = GPTConfig(n_layer=1, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=2, vocab_size=cfg.vocab_size,
+                      pos_emb=cfg.pos_emb, mlp_ratio=cfg.mlp_ratio, bias=cfg.bias)
+    blk = Block(small).to(device)
+    with torch.no_grad(), autocast_factory():
+        out = blk(torch.zeros(1, 2, cfg.d_model, device=device))
+    return out.dtype
