@@ -1,5 +1,33 @@
 """`hpcllm train`, `generate`, `plot`: thin Click layers over hpcllm.train."""
+import sys
+
 import click
+
+from hpcllm.config import add_train_options
+
+
+# --------------------------------------------------------------------------- train
+
+
+@click.command(context_settings={"max_content_width": 100})
+@add_train_options
+def train(config_file, **flags):
+    """Train a GPT on a dataset from `hpcllm preprocess`.
+
+    Run it as one process (`hpcllm train ...`) or as N ranks under mpirun, srun --mpi=pmix
+    or horovodrun: Horovod averages the gradients, the global batch is
+    micro-batch x accum x ranks. Every option can also come from --config FILE.toml
+    (sections [model], [data], [optimizer], [precision], [parallel], [checkpoint], [logging]);
+    flags override the file. Exits 75 after a checkpointed stop request (SIGUSR1/SIGTERM),
+    1 on a non-finite loss, 2 on bad input.
+    """
+    from hpcllm.config import build_config
+    from hpcllm.train.trainer import train as run_train
+
+    cfg = build_config(config_file, **flags)
+    code = run_train(cfg)
+    if code:
+        sys.exit(code)
 
 
 # --------------------------------------------------------------------------- generate, plot

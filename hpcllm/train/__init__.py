@@ -1,0 +1,1 @@
+"""Training: the step loop (trainer), checkpoints, metrics, LR schedule, precision, stop requests."""

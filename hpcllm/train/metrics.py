@@ -1,0 +1,180 @@
+"""Training metrics: throughput, MFU, RUN_DIR/metrics.jsonl and the console line (rank 0).
+
+One JSON object per log interval::
+
+    {"step": 100, "loss": 3.21, "lr": 0.0006, "grad_norm": 0.84, "tokens_per_s": 51234.0,
+     "mfu": 0.121, "step_time_s": 0.53, "tokens": 3276800, "loss_scale": 65536.0,
+     "skipped": 0, "time": 1700000000.0}
+
+plus ``val_loss`` on lines where the validation loss was computed (an eval-only line has
+``step`` and ``val_loss``). ``tokens_per_s`` is global (all ranks); ``mfu`` is the achieved
+FLOP/s (``flops_per_token`` x tokens/s) over the peak of all devices.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+#: Dense peak TFLOP/s per device for (bf16/fp16, fp32) matmuls; matched as substrings of
+#: the CUDA device name, first match wins. fp32 on Ampere+ counts TF32 tensor cores.
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0, 494.0), ("H100 PCIe", 756.0, 378.0), ("H100", 989.0, 494.0),
+    ("GH200", 989.0, 494.0), ("A100", 312.0, 156.0), ("A800", 312.0, 156.0),
+    ("L40S", 362.0, 183.0), ("A40", 150.0, 75.0), ("A10", 125.0, 62.5), ("L4", 121.0, 60.0),
+    ("V100", 125.0, 15.7), ("T4", 65.0, 8.1), ("MI300X", 1307.0, 654.0), ("MI250X", 383.0, 96.0),
+]
+
+
+def cpu_flops_per_cycle(low_precision: bool) -> int:
+    """Per-core FLOPs per cycle from the CPU's vector units (2 FMA pipes assumed)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    if low_precision and "amx_bf16" in flags:
+        return 1024  # AMX: 16x32 bf16 tile FMA per cycle
+    if "avx512f" in flags:
+        return 128 if (low_precision and "avx512_bf16" in flags) else 64
+    if "avx2" in flags or "fma" in flags:
+        return 32
+    return 8
+
+
+def device_peak_tflops(device: torch.device, precision: str, threads: int, override: float | None = None) -> float:
+    """Peak TFLOP/s of one device (one rank): ``override`` (--peak-tflops) when given; a GPU
+    from the table (bf16/fp16 vs fp32 column); a CPU estimated as threads x clock x
+    FLOPs/cycle (rough: set --peak-tflops for a number you trust)."""
+    if override:
+        return float(override)
+    low = precision in ("bf16", "fp16")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, half, single in GPU_PEAK_TFLOPS:
+            if key in name:
+                return half if low else single
+        return 100.0
+    ghz = 2.5
+    try:
+        import psutil
+
+        f = psutil.cpu_freq()
+        if f and f.max:
+            ghz = f.max / 1000.0
+        elif f and f.current:
+            ghz = f.current / 1000.0
+    except Exception:
+        pass
+    return threads * ghz * 1e9 * cpu_flops_per_cycle(low) / 1e12
+
+
+def truncate_metrics(run_dir, after_step: int) -> None:
+    """Drop records beyond ``after_step`` (rank 0, on resume: the interrupted run may have
+    logged steps past its last checkpoint, which the resumed run logs again)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if int(rec.get("step", 0)) <= after_step:
+            keep.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+class MetricsLogger:
+    """Aggregates steps into log intervals; rank 0 writes the jsonl and prints the line."""
+
+    def __init__(self, run_dir, *, enabled: bool, flops_per_token: int, peak_flops_total: float,
+                 tokens_per_step: int, total_steps: int, echo=print):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self.tokens_per_step = tokens_per_step
+        self.total_steps = total_steps
+        self.echo = echo
+        self._reset()
+
+    def _reset(self):
+        self._losses, self._time, self._steps = [], 0.0, 0
+
+    def step(self, loss: float, step_time_s: float) -> None:
+        self._losses.append(loss)
+        self._time += step_time_s
+        self._steps += 1
+
+    def flush(self, step: int, **fields) -> dict | None:
+        """Write one record for the steps since the last flush (``step`` = steps done)."""
+        if not self._steps:
+            return None
+        step_time = self._time / self._steps
+        tps = self.tokens_per_step / step_time if step_time > 0 else 0.0
+        rec = {"step": step, "loss": sum(self._losses) / len(self._losses), **fields,
+               "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops_total,
+               "step_time_s": step_time, "tokens": step * self.tokens_per_step, "time": time.time()}
+        self._reset()
+        self.write(rec)
+        if self.enabled:
+            self.echo(self.console_line(rec))
+        return rec
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_finite(rec)) + "\n")
+
+    def console_line(self, rec: dict) -> str:
+        parts = [f"step {rec['step']:>{len(str(self.total_steps))}}/{self.total_steps}"]
+        if "loss" in rec:
+            parts.append(f"loss {rec['loss']:.4f}")
+        if "val_loss" in rec:
+            parts.append(f"val {rec['val_loss']:.4f}")
+        if "lr" in rec:
+            parts.append(f"lr {rec['lr']:.2e}")
+        if "grad_norm" in rec:
+            parts.append(f"gnorm {rec['grad_norm']:.3f}")
+        if "tokens_per_s" in rec:
+            parts.append(f"{_si(rec['tokens_per_s'])} tok/s")
+            parts.append(f"mfu {100 * rec['mfu']:.1f}%")
+            parts.append(f"{rec['step_time_s'] * 1000:.0f} ms/step")
+        if rec.get("skipped"):
+            parts.append(f"skipped {rec['skipped']}")
+        return " | ".join(parts)
+
+
+def _si(x: float) -> str:
+    for unit, div in (("M", 1e6), ("k", 1e3)):
+        if x >= div:
+            return f"{x / div:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def _finite(rec: dict) -> dict:
+    """JSON has no inf/NaN: write them as strings so the file stays parseable."""
+    return {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
