@@ -1,0 +1,202 @@
+"""The dataset on disk: HDF5 shards and ``manifest.json`` (the only reader/writer of both).
+
+Layout (a contract; see README "Dataset layout")::
+
+    OUT/manifest.json
+    OUT/tokenizer.json            (BPE datasets only: a copy of the tokenizer used)
+    OUT/train/shard-00000.h5      datasets `tokens` (uint16 if vocab <= 65536 else uint32:
+    OUT/val/shard-00000.h5        every document's tokens then the EOD id) and `doc_index`
+                                  (int64 start offset of each document in `tokens`)
+
+Shards are written as ``NAME.h5.tmp`` and renamed when complete, so a reader never sees half
+a shard. ``tokens`` is stored contiguous and uncompressed by default: random windows are then
+plain reads at a fixed file offset, which :func:`open_tokens` maps with ``np.memmap`` (see
+benchmarks/preprocess.py for the none-vs-lzf measurement behind this choice).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from hpcllm.errors import HpcllmError
+
+FORMAT = "hpcllm-dataset"
+VERSION = 1
+SPLITS = ("train", "val")
+#: how much of a spill file is copied into a shard at a time (bounded memory)
+COPY_CHUNK = 1 << 24
+
+
+def shard_relpath(split: str, index: int) -> str:
+    return f"{split}/shard-{index:05d}.h5"
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(1 << 22)
+            if not b:
+                return h.hexdigest()
+            h.update(b)
+
+
+@dataclass
+class ShardOptions:
+    """How shards store their tokens."""
+
+    #: "none" (contiguous: fastest random windows, memory-mappable) or "lzf" (chunked+compressed)
+    compression: str = "none"
+    #: chunk length in tokens when compression is on
+    chunk_tokens: int = 1 << 16
+
+
+def write_shard(out_dir: str, relpath: str, tokens, doc_index: np.ndarray, dtype,
+                options: ShardOptions | None = None, attrs: dict | None = None) -> dict:
+    """Write one shard atomically (``.tmp`` then rename) and return its manifest entry.
+
+    ``tokens`` may be any sliceable 1-D array (a ``np.memmap`` of a spill file): it is copied in
+    bounded chunks. The file's bytes depend only on the arguments, so reruns are identical.
+    """
+    import h5py
+
+    options = options or ShardOptions()
+    path = os.path.join(out_dir, relpath)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    n = int(len(tokens))
+    kwargs = {}
+    if options.compression == "lzf":
+        kwargs = dict(chunks=(max(1, min(options.chunk_tokens, n)),), compression="lzf")
+    elif options.compression != "none":
+        raise HpcllmError(f"unknown shard compression {options.compression!r} (none, lzf)")
+    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        ds = f.create_dataset("tokens", shape=(n,), dtype=dtype, **kwargs)
+        for a in range(0, n, COPY_CHUNK):
+            b = min(n, a + COPY_CHUNK)
+            ds[a:b] = np.asarray(tokens[a:b], dtype=dtype)
+        f.create_dataset("doc_index", data=np.asarray(doc_index, dtype=np.int64))
+        for k, v in sorted((attrs or {}).items()):
+            f.attrs[k] = v
+    digest = file_sha256(tmp)
+    os.replace(tmp, path)
+    return {"path": relpath, "tokens": n, "documents": int(len(doc_index)), "sha256": digest}
+
+
+def open_tokens(path: str):
+    """The ``tokens`` of a shard as an array: an ``np.memmap`` at the dataset's file offset when
+    stored contiguous and uncompressed (no h5py in the hot path), else the h5py dataset."""
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, FileNotFoundError) as e:
+        raise HpcllmError(f"{path}: cannot open shard ({e})") from None
+    ds = f["tokens"]
+    offset = ds.id.get_offset()
+    if ds.chunks is None and ds.compression is None and offset is not None:
+        dtype, n = ds.dtype, ds.shape[0]
+        f.close()
+        if n == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(n,))
+    return ds  # keeps f open through the dataset's reference
+
+
+def read_shard(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, doc_index) fully in memory (tests, inspect)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return f["tokens"][:], f["doc_index"][:]
+
+
+def read_manifest(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.isdir(data_dir):
+        raise HpcllmError(f"{data_dir}: dataset directory does not exist (run `hpcllm preprocess`)")
+    if not os.path.isfile(path):
+        raise HpcllmError(f"{path}: no manifest.json (not a dataset, or preprocess has not finished)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise HpcllmError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise HpcllmError(f"{path}: not an {FORMAT} manifest")
+    if m.get("version") != VERSION:
+        raise HpcllmError(f"{path}: dataset version {m.get('version')} not supported (this hpcllm reads {VERSION})")
+    return m
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(data_dir: str, manifest: dict) -> None:
+    write_json_atomic(os.path.join(data_dir, "manifest.json"), manifest)
+
+
+def make_manifest(tokenizer: dict, corpora: list[dict], shards: dict[str, list[dict]],
+                  dropped: dict, command: str, created: str, extra: dict | None = None) -> dict:
+    """Assemble a manifest; ``shards`` maps split -> list of shard entries (with ``corpus``)."""
+    splits = {}
+    for split in SPLITS:
+        entries = shards.get(split, [])
+        splits[split] = {
+            "shards": entries,
+            "tokens": int(sum(e["tokens"] for e in entries)),
+            "documents": int(sum(e["documents"] for e in entries)),
+        }
+    m = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer, "corpora": corpora,
+         "splits": splits, "dropped": dict(sorted(dropped.items())), "command": command,
+         "created": created}
+    if extra:
+        m.update(extra)
+    return m
+
+
+def verify_shard(data_dir: str, entry: dict, vocab_size: int, eod_id: int) -> list[str]:
+    """Problems with one shard (empty list when it is sound): sha256, shapes, doc structure."""
+    import h5py
+
+    path = os.path.join(data_dir, entry["path"])
+    if not os.path.isfile(path):
+        return [f"{entry['path']}: missing"]
+    problems = []
+    if file_sha256(path) != entry["sha256"]:
+        problems.append(f"{entry['path']}: sha256 differs from the manifest")
+    try:
+        with h5py.File(path, "r") as f:
+            tokens = f["tokens"]
+            doc_index = f["doc_index"][:]
+            n = tokens.shape[0]
+            if n != entry["tokens"]:
+                problems.append(f"{entry['path']}: {n} tokens, manifest says {entry['tokens']}")
+            if len(doc_index) != entry["documents"]:
+                problems.append(f"{entry['path']}: {len(doc_index)} documents, manifest says {entry['documents']}")
+            if len(doc_index) and (doc_index[0] != 0 or np.any(np.diff(doc_index) <= 0) or doc_index[-1] >= max(n, 1)):
+                problems.append(f"{entry['path']}: doc_index is not increasing from 0 within the tokens")
+            # every document ends with EOD: the token before each start, and the last token
+            if n:
+                ends = np.append(doc_index[1:] - 1, n - 1)
+                if np.any(tokens[:][ends] != eod_id):
+                    problems.append(f"{entry['path']}: a document does not end with the EOD id {eod_id}")
+                mx = 0
+                for a in range(0, n, COPY_CHUNK):
+                    mx = max(mx, int(tokens[a:a + COPY_CHUNK].max()))
+                if mx >= vocab_size:
+                    problems.append(f"{entry['path']}: token id {mx} >= vocab size {vocab_size}")
+    except OSError as e:
+        problems.append(f"{entry['path']}: unreadable HDF5 ({e})")
+    return problems
