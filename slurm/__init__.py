@@ -1,0 +1,1 @@
+"""Sbatch templates, cluster profiles and example scripts (installed as hpcllm.slurm_assets)."""
