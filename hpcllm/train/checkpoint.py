@@ -29,9 +29,17 @@ from hpcllm.errors import HpcllmError
 
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
-#: test hook: seconds to sleep inside a checkpoint write (after model.pt, before the rest),
-#: so a test can kill -9 the job while a checkpoint is half written
+#: test hook "SECONDS" or "STEP:SECONDS": sleep inside a checkpoint write (after model.pt,
+#: before the rest), so a test can kill -9 the job while a checkpoint is half written
 SLEEP_ENV = "HPCLLM_TEST_CKPT_SLEEP"
+
+
+def _test_sleep(step: int) -> float:
+    spec = os.environ.get(SLEEP_ENV, "")
+    if not spec:
+        return 0.0
+    at, _, secs = spec.rpartition(":")
+    return float(secs) if (not at or int(at) == step) else 0.0
 
 
 def ckpt_root(run_dir) -> Path:
@@ -122,7 +130,7 @@ def save(run_dir, step: int, files: dict[str, Any], *, is_root: bool, barrier: C
             shutil.rmtree(tmp)
         tmp.mkdir()
     barrier()
-    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    sleep = _test_sleep(step)
     names = sorted(files, key=lambda n: (n == "trainer.json", not n.startswith("model"), n))
     for i, name in enumerate(names):
         obj = files[name]

@@ -244,9 +244,12 @@ def _train(cfg: TrainConfig, dp) -> int:
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
     peak = device_peak_tflops(device, precision, torch.get_num_threads(), lg.peak_tflops) * 1e12
-    config_json = effective_config(cfg, gpt_cfg, precision_resolved=precision, world_size=dp.size,
-                                   global_batch=global_batch, tokenizer_sha256=info.tokenizer_sha256,
-                                   data_dir=os.path.abspath(d.path))
+    config_json = effective_config(
+        cfg, gpt_cfg, precision_resolved=precision, global_batch=global_batch,
+        tokenizer_sha256=info.tokenizer_sha256, data_dir=os.path.abspath(d.path),
+        world={"size": dp.size, "local_size": dp.local_size, "cross_size": dp.cross_size,
+               "threads_per_rank": torch.get_num_threads(), "horovod": dp.hvd is not None},
+        horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")})
     if dp.is_root:  # rank 0 alone writes the run directory's shared files
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_stale(run_dir)
