@@ -37,13 +37,20 @@ class Topology:
         if "OMPI_COMM_WORLD_RANK" in env:
             world = int(env["OMPI_COMM_WORLD_SIZE"])
             local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
-            node_id = int(env["OMPI_COMM_WORLD_NODE_ID"]) if "OMPI_COMM_WORLD_NODE_ID" in env \
-                else int(env.get("SLURM_NODEID", "0"))
+            rank = int(env["OMPI_COMM_WORLD_RANK"])
+            if "OMPI_COMM_WORLD_NODE_ID" in env:
+                node_id = int(env["OMPI_COMM_WORLD_NODE_ID"])
+            elif in_step and "SLURM_NODEID" in env:
+                node_id = int(env["SLURM_NODEID"])
+            else:
+                # Open MPI 4 exports no node id; mpirun's default by-slot mapping fills nodes
+                # in rank order, so with equal ranks per node this is the node index.
+                node_id = rank // max(local_size, 1)
             num_nodes = int(env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or 0) \
                 if in_step else 0
             if not num_nodes:
                 num_nodes = max(1, -(-world // max(local_size, 1)))
-            return cls(rank=int(env["OMPI_COMM_WORLD_RANK"]), world_size=world,
+            return cls(rank=rank, world_size=world,
                        local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
                        local_size=local_size, node_id=node_id, num_nodes=num_nodes,
                        nodelist=nodelist, launcher="srun" if in_step else "mpirun",
