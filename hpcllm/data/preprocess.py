@@ -714,7 +714,7 @@ def run_preprocess(inputs: list[str], out: str, **options) -> dict:
         for res in results:
             for line, reason, message in res.errors:
                 if opts.strict:
-                    raise HpcllmError(message)
+                    raise HpcllmError(message.removesuffix(", skipped") + " (--strict)")
                 warnings.report(reason, message)
             sink.count(res.dropped)
             sink.count(Counter(reason for _, reason, _ in res.errors))

@@ -326,12 +326,13 @@ def _grid_items(f: InputFile, unit: Unit, options: SourceOptions, counter: _Line
             if unit.start == 0:
                 pos = 0
             else:
+                # skip the rest of the line that started before the cell; it may run past the
+                # cell (a huge record): then no line starts here, and reading stops at the cell end
                 fh.seek(unit.start - 1)
-                while True:  # the rest of the line that started before the cell, in bounded reads
-                    skipped = fh.readline(1 << 20)
-                    if not skipped or skipped.endswith(b"\n"):
-                        break
+                skipped = fh.readline(unit.end - unit.start + 1)
                 pos = fh.tell()
+                if not skipped.endswith(b"\n") or pos >= unit.end:
+                    return
             line = counter.line_at(f, pos)
             chunks, errors, first_line, nbytes = [], [], line, 0
             fh.seek(pos)
