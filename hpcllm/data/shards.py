@@ -188,7 +188,7 @@ def verify_shard(data_dir: str, entry: dict, vocab_size: int, eod_id: int) -> li
             if len(doc_index) and (doc_index[0] != 0 or np.any(np.diff(doc_index) <= 0) or doc_index[-1] >= max(n, 1)):
                 problems.append(f"{entry['path']}: doc_index is not increasing from 0 within the tokens")
             # every document ends with EOD: the token before each start, and the last token
-            if n:
+            elif n:
                 ends = np.append(doc_index[1:] - 1, n - 1)
                 if np.any(tokens[:][ends] != eod_id):
                     problems.append(f"{entry['path']}: a document does not end with the EOD id {eod_id}")
@@ -197,6 +197,6 @@ def verify_shard(data_dir: str, entry: dict, vocab_size: int, eod_id: int) -> li
                     mx = max(mx, int(tokens[a:a + COPY_CHUNK].max()))
                 if mx >= vocab_size:
                     problems.append(f"{entry['path']}: token id {mx} >= vocab size {vocab_size}")
-    except OSError as e:
-        problems.append(f"{entry['path']}: unreadable HDF5 ({e})")
+    except Exception as e:  # any HDF5/h5py failure on a damaged file is a finding, not a crash
+        problems.append(f"{entry['path']}: unreadable HDF5 ({type(e).__name__}: {e})")
     return problems
