@@ -36,16 +36,19 @@ RESULTS = REPO / "benchmarks" / "results" / "train.json"
 SHAPE = dict(n_layer=4, n_head=4, d_model=256, seq_len=256, micro_batch=16, vocab_size=257)
 SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 
-#: Horovod settings compared; env is set before hvd.init(). "inplace" uses allreduce_
-#: (what hvd.DistributedOptimizer does with gradients).
+#: Horovod settings compared: name -> (environment set before hvd.init(), in place).
+#: "inplace" uses allreduce_ (what hvd.DistributedOptimizer does with gradients); otherwise
+#: allreduce() returns a new tensor. Horovod's defaults (since 0.21): HOROVOD_CYCLE_TIME 1 ms,
+#: HOROVOD_FUSION_THRESHOLD 128 MiB.
 HVD_SETTINGS = {
-    "defaults": ({}, False),
-    "defaults, allreduce_": ({}, True),
-    "cycle 0.1ms, allreduce_": ({"HOROVOD_CYCLE_TIME": "0.1"}, True),
-    "cycle 0.1ms, fusion 128MB, allreduce_": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(128 << 20)}, True),
-    "cycle 0.1ms, fusion 16MB, allreduce_": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(16 << 20)}, True),
-    "cycle 0.5ms, allreduce_": ({"HOROVOD_CYCLE_TIME": "0.5"}, True),
-    "cycle 0.02ms, allreduce_": ({"HOROVOD_CYCLE_TIME": "0.02"}, True),
+    "default": ({}, False),
+    "default+inplace": ({}, True),
+    "cycle0.1+inplace": ({"HOROVOD_CYCLE_TIME": "0.1"}, True),
+    "cycle0.1": ({"HOROVOD_CYCLE_TIME": "0.1"}, False),
+    "cycle0.1+fusion64M+inplace": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(64 << 20)}, True),
+    "cycle0.1+fusion16M+inplace": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(16 << 20)}, True),
+    "cycle0.5+inplace": ({"HOROVOD_CYCLE_TIME": "0.5"}, True),
+    "cycle0.02+inplace": ({"HOROVOD_CYCLE_TIME": "0.02"}, True),
 }
 
 
@@ -54,6 +57,10 @@ def fmt_size(n: int) -> str:
 
 
 # =========================================================================== workers (under mpirun)
+
+
+def _sizes(args) -> list[int]:
+    return [int(x) for x in args.sizes.split(",")] if getattr(args, "sizes", None) else SIZES
 
 
 def _iters(size: int, quick: bool) -> int:
@@ -88,7 +95,7 @@ def worker_allreduce(args) -> None:
         else:
             hvd.allreduce(t, op=hvd.Sum, name=name)
 
-    for size in SIZES:
+    for size in _sizes(args):
         t = torch.ones(size // 4, dtype=torch.float32)
         n = _iters(size, args.quick)
         name = f"buf.{size}"
@@ -308,6 +315,12 @@ def summarize_allreduce(raw: dict) -> dict:
     return {"settings": summary, "raw": raw}
 
 
+def best_setting(ar: dict) -> str:
+    """The Horovod setting with the best worst-case ratio from 16 MiB up."""
+    cands = {k: v for k, v in ar["settings"].items() if k != "mpi4py"}
+    return max(cands, key=lambda k: cands[k]["min_ratio_16MiB_up"])
+
+
 def allreduce_table(ar: dict) -> str:
     s = ar["settings"]
     head = f"{'setting':<40}" + "".join(f"{fmt_size(z):>14}" for z in SIZES) + f"{'grads/step':>12}"
@@ -322,6 +335,158 @@ def allreduce_table(ar: dict) -> str:
     return "\n".join(lines)
 
 
+# =========================================================================== hpcllm train runs
+
+
+def make_dataset(out: Path, train_bytes: int = 6 << 20) -> Path:
+    """A byte-vocabulary dataset of Python standard-library sources (offline, deterministic),
+    written through hpcllm's own shard writer."""
+    import numpy as np
+
+    from hpcllm.data.shards import make_manifest, shard_relpath, write_manifest, write_shard
+    from hpcllm.data.tokenizer import ByteTokenizer, tokenizer_manifest_entry
+
+    if (out / "manifest.json").exists():
+        return out
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    docs, total = [], 0
+    for f in files:
+        b = f.read_bytes()
+        docs.append(b)
+        total += len(b) + 1
+        if total > train_bytes * 1.05:
+            break
+    tok = ByteTokenizer()
+    split = {"val": docs[: max(1, len(docs) // 20)], "train": docs[max(1, len(docs) // 20):]}
+    shards = {}
+    for name, ds in split.items():
+        arrs, index, pos = [], [], 0
+        for d in ds:
+            index.append(pos)
+            a = np.frombuffer(d, dtype=np.uint8).astype(np.uint16)
+            arrs.append(np.append(a, np.uint16(tok.eod_id)))
+            pos += len(a) + 1
+        entry = write_shard(str(out), shard_relpath(name, 0), np.concatenate(arrs), np.array(index), np.uint16)
+        entry["corpus"] = "stdlib"
+        shards[name] = [entry]
+    write_manifest(str(out), make_manifest(tokenizer_manifest_entry(tok, None), [{"name": "stdlib", "weight": 1.0}],
+                                           shards, {}, "benchmarks/train.py", time.strftime("%Y-%m-%dT%H:%M:%S")))
+    return out
+
+
+def train_run(data: Path, out: Path, np_: int, threads: int, precision: str, steps: int, log_every: int,
+              extra_env: dict | None = None) -> dict:
+    """``hpcllm train`` (under mpirun for np_ > 1) on the fixed shape; throughput from metrics.jsonl,
+    the first log interval (warm-up, allocator, Horovod negotiation) left out."""
+    s = SHAPE
+    args = [sys.executable, "-m", "hpcllm", "train", "--data", str(data), "--out", str(out), "--model", "small",
+            "--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--d-model", str(s["d_model"]),
+            "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--accum", "1",
+            "--steps", str(steps), "--precision", precision, "--log-every", str(log_every),
+            "--eval-every", "0", "--ckpt-every", "0", "--threads", str(threads), "--warmup", "0"]
+    env = {"OMP_NUM_THREADS": str(threads), **(extra_env or {})}
+    t0 = time.perf_counter()
+    if np_ == 1:
+        res = subprocess.run(args, env=_env(env), capture_output=True, text=True, timeout=900)
+        if res.returncode != 0:
+            raise RuntimeError(f"hpcllm train failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    else:
+        _mpirun(np_, args, env=env, timeout=900)
+    wall = time.perf_counter() - t0
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if r.get("tokens_per_s")]
+    if len(recs) < 2:
+        raise RuntimeError(f"{out}/metrics.jsonl: too few records ({len(recs)})")
+    used = recs[1:]
+    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in used),
+            "step_time_s": statistics.median(r["step_time_s"] for r in used if "step_time_s" in r) if any(
+                "step_time_s" in r for r in used) else None,
+            "mfu": statistics.median(r["mfu"] for r in used if r.get("mfu") is not None) if any(
+                r.get("mfu") is not None for r in used) else None,
+            "records": len(used), "ranks": np_, "threads": threads, "precision": precision, "wall_s": wall,
+            "final_loss": recs[-1].get("loss")}
+
+
+def run_step(quick: bool, repeats: int) -> dict:
+    """hpcllm fp32/bf16 vs the plain loop, all with 2 threads, interleaved ``repeats`` times."""
+    steps, log_every = (12, 4) if quick else (30, 5)
+    base_steps = 8 if quick else 20
+    out = {"baseline": [], "fp32": [], "bf16": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp) / "data")
+        for rep in range(repeats):
+            out["baseline"].append(bench_baseline(base_steps, 3, threads=2))
+            print(f"  step baseline rep {rep}: {out['baseline'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+            for prec in ("fp32", "bf16"):
+                # bf16 without AMX/AVX512-BF16 is very slow on CPU: fewer steps
+                st, le = (steps, log_every) if prec == "fp32" or _fast_bf16() else (6, 2)
+                out[prec].append(train_run(data, Path(tmp) / f"{prec}-{rep}", 1, 2, prec, st, le))
+                print(f"  step hpcllm {prec} rep {rep}: {out[prec][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    summary = {k: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in v), "runs": v} for k, v in out.items()}
+    b = summary["baseline"]["tokens_per_s"]
+    for k in ("fp32", "bf16"):
+        summary[k]["vs_baseline"] = summary[k]["tokens_per_s"] / b
+    summary["cpu_capability"] = _cpu_capability()
+    return summary
+
+
+def _cpu_capability() -> str:
+    import torch
+
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return "unknown"
+
+
+def _fast_bf16() -> bool:
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def run_dp(quick: bool, repeats: int, precision: str) -> dict:
+    """Weak scaling: 2 ranks x 1 thread vs 1 rank x 1 thread, same micro-batch per rank."""
+    steps, log_every = (10, 3) if quick else (24, 4)
+    out = {"1x1": [], "2x1": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = make_dataset(Path(tmp) / "data")
+        for rep in range(repeats):
+            for name, np_ in (("1x1", 1), ("2x1", 2)):
+                out[name].append(train_run(data, Path(tmp) / f"dp{name}-{rep}", np_, 1, precision, steps, log_every))
+                print(f"  dp {name} rep {rep}: {out[name][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+    one = statistics.median(r["tokens_per_s"] for r in out["1x1"])
+    two = statistics.median(r["tokens_per_s"] for r in out["2x1"])
+    st = [r["step_time_s"] for r in out["2x1"] if r["step_time_s"]]
+    return {"precision": precision, "tokens_per_s_1x1": one, "tokens_per_s_2x1": two,
+            "efficiency": two / (2 * one), "step_time_s_2x1": statistics.median(st) if st else None,
+            "runs": out}
+
+
+def step_table(st: dict) -> str:
+    lines = ["Training step, 1 process x 2 threads, 4 layers x 4 heads x d256, seq 256, micro-batch 16, byte vocab "
+             f"(CPU: {st.get('cpu_capability')})",
+             f"{'loop':<44}{'tokens/s':>10}{'x baseline':>12}", "-" * 66,
+             f"{'plain PyTorch (nanoGPT-style, fp32, AdamW)':<44}{st['baseline']['tokens_per_s']:>10.0f}{1.0:>12.2f}"]
+    for k in ("fp32", "bf16"):
+        lines.append(f"{'hpcllm train ' + k:<44}{st[k]['tokens_per_s']:>10.0f}{st[k]['vs_baseline']:>12.2f}")
+    return "\n".join(lines)
+
+
+def dp_table(dp: dict, ar: dict | None) -> str:
+    lines = [f"Data parallel ({dp['precision']}), weak scaling, 1 thread per rank",
+             f"{'layout':<30}{'tokens/s':>10}", "-" * 40,
+             f"{'1 rank x 1 thread':<30}{dp['tokens_per_s_1x1']:>10.0f}",
+             f"{'2 ranks x 1 thread (mpirun)':<30}{dp['tokens_per_s_2x1']:>10.0f}",
+             f"efficiency {dp['efficiency']:.2f} (goal >= 0.9)"]
+    if ar and dp.get("step_time_s_2x1") and dp.get("allreduce_share") is not None:
+        lines.append(f"allreduce of one step's gradients ({dp['allreduce_setting']}): "
+                     f"{dp['allreduce_grads_s'] * 1e3:.1f} ms = {dp['allreduce_share'] * 100:.1f}% of a "
+                     f"{dp['step_time_s_2x1'] * 1e3:.0f} ms step")
+    return "\n".join(lines)
+
+
 # =========================================================================== main
 
 
@@ -331,11 +496,15 @@ def main(argv=None) -> int:
     p.add_argument("--impl", choices=["mpi", "hvd"], help=argparse.SUPPRESS)
     p.add_argument("--inplace", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
+    p.add_argument("--sizes", help=argparse.SUPPRESS)  # worker: comma list of byte sizes (exploration)
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, noisy numbers)")
     p.add_argument("--parts", default="step,dp,allreduce", help="comma list of step, dp, allreduce")
     p.add_argument("--settings", default=",".join(HVD_SETTINGS), help="Horovod settings to compare (allreduce part)")
     p.add_argument("--repeats", type=int, default=2, help="launches per allreduce setting")
     p.add_argument("--out", default=str(RESULTS), help="JSON results path")
+    p.add_argument("--step-repeats", type=int, default=2, help="interleaved repeats of the step part")
+    p.add_argument("--dp-repeats", type=int, default=2, help="interleaved repeats of the dp part")
+    p.add_argument("--dp-precision", default="fp32", help="precision of the dp part")
     args = p.parse_args(argv)
     if args.worker == "allreduce":
         worker_allreduce(args)
@@ -351,11 +520,27 @@ def main(argv=None) -> int:
         except json.JSONDecodeError:
             pass
     tables = []
+    if "step" in parts:
+        results["step"] = run_step(args.quick, args.step_repeats)
+    if "step" in results:
+        tables.append(step_table(results["step"]))
     if "allreduce" in parts:
         settings = [x for x in args.settings.split(",") if x]
         results["allreduce"] = run_allreduce(args.quick, settings, args.repeats)
     if "allreduce" in results:
         tables.append(allreduce_table(results["allreduce"]))
+    if "dp" in parts:
+        results["dp"] = run_dp(args.quick, args.dp_repeats, args.dp_precision)
+    if "dp" in results:
+        dp = results["dp"]
+        ar = results.get("allreduce")
+        if ar and dp.get("step_time_s_2x1"):
+            # the setting hpcllm uses by default: the best one measured
+            best = best_setting(ar)
+            dp["allreduce_setting"] = best
+            dp["allreduce_grads_s"] = ar["settings"][best]["grads_time_s"]
+            dp["allreduce_share"] = dp["allreduce_grads_s"] / dp["step_time_s_2x1"]
+        tables.append(dp_table(dp, ar))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print("\n\n".join(tables))

@@ -137,6 +137,10 @@ def _model_config_of(config: dict, where: Path, vocab_size: int | None = None) -
 
 
 def _data_dir_of(config: dict) -> str | None:
+    # `data_dir` is the absolute path the trainer records; data.path is the flag as given
+    for key in ("data_dir", "data_path"):
+        if isinstance(config.get(key), str):
+            return config[key]
     data = config.get("data")
     if isinstance(data, str):
         return data
@@ -144,9 +148,6 @@ def _data_dir_of(config: dict) -> str | None:
         for key in ("path", "data", "dir", "data_dir"):
             if isinstance(data.get(key), str):
                 return data[key]
-    for key in ("data_dir", "data_path"):
-        if isinstance(config.get(key), str):
-            return config[key]
     return None
 
 

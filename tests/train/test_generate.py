@@ -172,3 +172,28 @@ def test_changed_tokenizer_sha256_is_one_line_error(bpe_run, bpe_tokenizers, cap
 def test_not_a_checkpoint_is_one_line_error(tmp_path, capsys):
     rc, out, err = _cli(capsys, "generate", str(tmp_path), "--prompt", "x")
     assert rc == 2 and err.count("\n") == 1 and str(tmp_path) in err
+
+
+def test_generate_from_a_real_training_run(dataset, tmp_path, capsys):
+    """End to end: `hpcllm train` writes the checkpoint, generate reads it back (its config,
+    weights and recorded tokenizer) and greedy decoding matches the trained model's argmax."""
+    from tests.train.conftest import TINY, run_train
+
+    run = tmp_path / "run"
+    run_train(["--data", str(dataset), "--out", str(run), "--steps", "3", "--ckpt-every", "0", *TINY])
+    lm = load_model(run)
+    assert lm.step == 3 and lm.tokenizer.type == "byte"
+    state = torch.load(resolve_checkpoint(run) / "model.pt", weights_only=True)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in state.items())
+    prompt = list(b"The cluster ")
+    ref = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ref.append(int(lm.model(torch.tensor([ref[-lm.seq_len:]]))[0, -1, :257].argmax()))
+    rc, out, err = _cli(capsys, "generate", str(run), "--prompt", "The cluster ", "--top-k", "1",
+                        "--max-new-tokens", "10")
+    assert rc == 0, err
+    new = ref[len(prompt):]
+    if 256 in new:
+        new = new[:new.index(256)]
+    assert out.rstrip("\n") == "The cluster " + ByteTokenizer().decode(new)
