@@ -15,6 +15,8 @@ PREPROCESS_FLAGS ?=
 DATA_INPUTS = $(if $(CORPUS),$(CORPUS),$(STDLIB_CORPUS))
 DATA_OUT = $(if $(OUT),$(OUT),data/stdlib)
 DATA_TOKENIZER = $(if $(TOKENIZER),$(TOKENIZER),byte)
+# the built-in corpus has only ~650 documents: a larger val share gives a usable val split
+DATA_FLAGS = $(if $(CORPUS),,--val-fraction 0.02)
 
 .PHONY: data tokenizer stdlib-corpus
 
@@ -25,7 +27,7 @@ stdlib-corpus: $(STDLIB_CORPUS)
 
 data: install $(if $(CORPUS),,$(STDLIB_CORPUS))
 	$(VENV)/bin/hpcllm preprocess $(DATA_INPUTS) --out $(DATA_OUT) --tokenizer $(DATA_TOKENIZER) \
-	    --workers $(DATA_WORKERS) $(PREPROCESS_FLAGS)
+	    --workers $(DATA_WORKERS) $(DATA_FLAGS) $(PREPROCESS_FLAGS)
 
 tokenizer: install $(if $(CORPUS),,$(STDLIB_CORPUS))
 	$(VENV)/bin/hpcllm tokenizer train $(DATA_INPUTS) --vocab-size $(VOCAB_SIZE) --out $(TOKENIZER_OUT)
