@@ -34,6 +34,19 @@ def qjoin(values) -> str:
     return " ".join(q(v) for v in values)
 
 
+def qjoin_wrapped(values, indent: str = "    ") -> str:
+    """Like :func:`qjoin`, with a line continuation before each ``--option`` (readable scripts)."""
+    out = []
+    for v in values:
+        v = str(v)
+        if out and v.startswith("--"):
+            out.append(" \\\n" + indent)
+        elif out:
+            out.append(" ")
+        out.append(q(v))
+    return "".join(out)
+
+
 def no_control(name: str, value: str) -> str:
     value = str(value)
     if _CONTROL.search(value):

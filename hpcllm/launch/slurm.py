@@ -11,7 +11,6 @@ impossible request or a missing dataset raises HpcllmError first.
 """
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shlex
@@ -319,7 +318,7 @@ def check_pipeline_layout(stages: int, tasks_per_node: int, world: int) -> None:
 
 def launcher_line(launcher: str, profile: Profile, command: list[str], cpus_per_task: int | None) -> str:
     """The launcher command line (started in the background by the template)."""
-    cmd = Q.qjoin(command)
+    cmd = Q.qjoin_wrapped(command)
     if launcher == "srun":
         parts = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--distribution=block:block"]
         if cpus_per_task:
@@ -393,25 +392,18 @@ def _preprocess_out(params: dict, args: list[str]) -> str:
     raise HpcllmError("hpcllm preprocess options: --out DIR is required")
 
 
-def count_input_files(inputs: list[str]) -> int:
-    """How many input files the patterns name (``NAME=PATTERN[:WEIGHT]`` forms included)."""
-    n = 0
-    for spec in inputs:
-        pattern = str(spec)
-        m = re.fullmatch(r"([A-Za-z0-9_.\-]+)=(.*?)(:[0-9.]+)?", pattern)
-        if m and not Path(pattern).exists():
-            pattern = m.group(2)
-        p = Path(pattern).expanduser()
-        if p.is_dir():
-            n += sum(1 for f in p.rglob("*") if f.is_file())
-        elif p.is_file():
-            n += 1
-        else:
-            n += sum(1 for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
-    return n
+def count_work_units(inputs: list[str], params: dict) -> int:
+    """How many work units the preprocessing splits across tasks (hpcllm.data.sources):
+    more array tasks than that would leave tasks with nothing to do."""
+    from hpcllm.data.sources import SourceOptions, parse_inputs, plan_units, resolve_files
+
+    files = resolve_files(parse_inputs([str(i) for i in inputs]))
+    opts = SourceOptions(text_key=params.get("text_key") or "text", txt_split=params.get("txt_split") or "none",
+                         item_bytes=params.get("item_bytes") or (1 << 20))
+    return len(plan_units(files, opts))
 
 
-def render_preprocess(job: PreprocessJob, profile: Profile) -> tuple[str, str]:
+def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool = True) -> tuple[str, str]:
     """The array script (one slice per task) and the merge script."""
     args = [str(a) for a in job.preprocess_args]
     params = parse_preprocess_args(args)
@@ -419,13 +411,12 @@ def render_preprocess(job: PreprocessJob, profile: Profile) -> tuple[str, str]:
     tasks = _positive("--tasks", job.tasks)
     if job.max_parallel is not None:
         _positive("--max-parallel", job.max_parallel)
-    inputs = params.get("inputs") or params.get("input") or params.get("sources")
-    if inputs:
-        files = count_input_files(list(inputs))
-        if files == 0:
-            raise HpcllmError(f"no input files match {' '.join(map(str, inputs))}")
-        if tasks > files:
-            raise HpcllmError(f"--tasks {tasks}: more array tasks than the {files} input file(s) to split")
+    inputs = params.get("inputs")
+    if inputs and check_inputs:
+        units = count_work_units(list(inputs), params)
+        if tasks > units:
+            raise HpcllmError(f"--tasks {tasks}: more array tasks than the {units} work unit(s) of the inputs "
+                              f"(about one per --item-bytes of input): use --tasks {units} or fewer")
     for flag in ("--num-tasks", "--task-id"):
         if any(a == flag or a.startswith(flag + "=") for a in args):
             raise HpcllmError(f"{flag} is set by the job array; leave it out of the preprocess options")
