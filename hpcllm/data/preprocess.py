@@ -422,7 +422,7 @@ class Packer:
             fh[1].close()
         tp, lp = self._spill_paths(split, o["index"])
         if o["docs"]:
-            tokens = np.memmap(tp, dtype=self.dtype, mode="r", shape=(o["tokens"],))
+            tokens = shards_mod.FileArray(tp, self.dtype, o["tokens"])
             lens = np.fromfile(lp, dtype=np.int64, count=o["docs"])
             starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
             entry = shards_mod.write_shard(self.out, shards_mod.shard_relpath(split, o["index"]), tokens, starts,
@@ -772,36 +772,35 @@ def merge_parts(out: str, overwrite: bool = False, progress: bool | None = None,
     try:
         for t, st in enumerate(states):
             d = part_dir(out, num_tasks, t)
-            docs = np.fromfile(os.path.join(d, "docs.bin"), dtype=PART_DOC, count=st["docs"]) if st["docs"] else \
-                np.zeros(0, dtype=PART_DOC)
-            tokens = np.memmap(os.path.join(d, "tokens.bin"), dtype=dtype, mode="r", shape=(st["tokens"],)) \
-                if st["tokens"] else np.zeros(0, dtype=dtype)
-            offsets = np.concatenate([[0], np.cumsum(docs["length"])]).astype(np.int64)
-            nb = max(1, -(-len(docs) // batch_docs))
-            for b in range(nb):
+            tokens = shards_mod.FileArray(os.path.join(d, "tokens.bin"), dtype, st["tokens"])
+            docs_path = os.path.join(d, "docs.bin")
+            n_docs = st["docs"]
+            pos = 0  # token offset of the batch in the part
+            for b in range(max(1, -(-n_docs // batch_docs))):
                 key = (t, b)
+                count = min(batch_docs, n_docs - b * batch_docs)
+                # read the part's doc records a batch at a time: bounded memory
+                sel = np.fromfile(docs_path, dtype=PART_DOC, count=count, offset=b * batch_docs * PART_DOC.itemsize) \
+                    if count > 0 else np.zeros(0, dtype=PART_DOC)
+                batch_tokens = int(sel["length"].sum())
                 if after is not None and key <= after:
+                    pos += batch_tokens
                     continue
-                sel = docs[b * batch_docs:(b + 1) * batch_docs]
-                lo, hi = offsets[b * batch_docs], offsets[min(len(docs), (b + 1) * batch_docs)]
+                if b == 0:
+                    packer.count(st["dropped"])
                 # a batch spans corpora only at a corpus boundary: feed it per corpus run
                 runs = np.flatnonzero(np.diff(sel["corpus"])) + 1 if len(sel) else []
                 bounds = [0, *runs, len(sel)]
-                if b == 0:
-                    packer.count(st["dropped"])
-                pos = lo
                 for a, z in zip(bounds[:-1], bounds[1:]):
                     part = sel[a:z]
+                    if not len(part):
+                        continue
                     n_tok = int(part["length"].sum())
-                    res = ItemResult(key, int(part["corpus"][0]) if len(part) else 0, part["hash"].tobytes(),
-                                     part["val"].astype(bool), part["length"].astype(np.int64),
-                                     np.asarray(tokens[pos:pos + n_tok]))
+                    packer.add(ItemResult(key, int(part["corpus"][0]), part["hash"].tobytes(), part["val"].astype(bool),
+                                          part["length"].astype(np.int64), tokens[pos:pos + n_tok]))
                     pos += n_tok
-                    if len(part):
-                        packer.add(res)
-                assert pos == hi
                 packer.commit(key)
-                prog.update(len(sel), int(hi - lo), int(hi - lo) * dtype.itemsize)
+                prog.update(len(sel), batch_tokens, batch_tokens * dtype.itemsize)
         ok = True
     finally:
         prog.close()

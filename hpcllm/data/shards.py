@@ -55,6 +55,29 @@ class ShardOptions:
     chunk_tokens: int = 1 << 16
 
 
+class FileArray:
+    """A read-only 1-D array over a raw file, read with ``pread`` in slices.
+
+    Used to copy spill files into shards: unlike ``np.memmap`` the pages read do not stay in
+    the process' RSS, so peak memory does not grow with the shard size."""
+
+    def __init__(self, path: str, dtype, length: int):
+        self.path, self.dtype, self.length = path, np.dtype(dtype), int(length)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, s: slice) -> np.ndarray:
+        a, b, _ = s.indices(self.length)
+        n = max(0, b - a)
+        size = self.dtype.itemsize
+        with open(self.path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), n * size, a * size)
+        if len(data) != n * size:
+            raise HpcllmError(f"{self.path}: short read ({len(data)} of {n * size} bytes)")
+        return np.frombuffer(data, dtype=self.dtype)
+
+
 def write_shard(out_dir: str, relpath: str, tokens, doc_index: np.ndarray, dtype,
                 options: ShardOptions | None = None, attrs: dict | None = None) -> dict:
     """Write one shard atomically (``.tmp`` then rename) and return its manifest entry.
