@@ -67,3 +67,64 @@ def losses(run_dir) -> dict[int, float]:
     from hpcllm.train.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def mpi_popen(cmd, np: int, env: dict, marker: str) -> subprocess.Popen:
+    """Start ``cmd`` under real mpirun without waiting (for tests that signal or kill ranks).
+
+    ``marker`` goes into every rank's environment so :func:`rank_pids` can find them.
+    """
+    from tests.cluster.mpi import mpirun_command
+
+    full = dict(os.environ)
+    full.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HPCLLM_TEST_MARKER": marker, **env})
+    exports = []
+    for k in sorted({*env, "PYTHONPATH", "OMP_NUM_THREADS", "HPCLLM_TEST_MARKER"}):
+        exports += ["-x", k]
+    return subprocess.Popen(mpirun_command(np) + exports + list(cmd), env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=REPO)
+
+
+def rank_pids(marker: str) -> dict[int, int]:
+    """rank -> pid of the Python ranks started by :func:`mpi_popen` with ``marker``."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HPCLLM_TEST_MARKER={marker}".encode() not in env:
+            continue
+        try:
+            exe = os.readlink(d / "exe")
+        except OSError:
+            continue
+        if "python" not in os.path.basename(exe):
+            continue
+        for e in env:
+            if e.startswith(b"OMPI_COMM_WORLD_RANK="):
+                out[int(e.split(b"=")[1])] = int(d.name)
+    return out
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
