@@ -1,0 +1,200 @@
+"""The trainer's reusable pieces, in process: LR schedule, loss scaler, checkpoint protocol,
+config precedence, and the errors users see before the first step."""
+import json
+import math
+import subprocess
+import sys
+
+import click
+import pytest
+import torch
+
+from hpcllm.config import TrainConfig, add_train_options, build_config, option_specs, to_cli_args
+from hpcllm.errors import HpcllmError
+from hpcllm.train import checkpoint as ckpt
+from hpcllm.train.precision import LossScaler, clip_, grad_norm
+from hpcllm.train.schedule import LRSchedule, lr_at
+from tests.train.conftest import TINY, REPO, losses, run_train
+
+
+def test_lr_warmup_then_cosine_to_floor():
+    assert lr_at(0, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 110, 0.1) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110, 0.1) == pytest.approx(0.55)  # half way down the cosine
+    assert lr_at(110, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_at(500, 1.0, 10, 110, 0.1) == pytest.approx(0.1)
+    lrs = [lr_at(s, 1.0, 10, 110, 0.1) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    o = TrainConfig().optimizer
+    o.warmup = 1000
+    assert LRSchedule(o, 50).warmup == 50  # warmup capped at the run length
+
+
+def test_loss_scaler_backoff_growth_and_state():
+    s = LossScaler(True, init_scale=1024.0, window=2)
+    s.update(overflow=True)
+    assert s.scale == 512.0 and s.skipped == 1
+    s.update(False)
+    s.update(False)
+    assert s.scale == 1024.0
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 1024.0)
+    s.unscale_([p])
+    assert torch.equal(p.grad, torch.ones(3))
+    t = LossScaler(True)
+    t.load_state_dict(s.state_dict())
+    assert t.state_dict() == s.state_dict()
+    off = LossScaler(False)
+    loss = torch.tensor(2.0)
+    assert off.scale_loss(loss) is loss
+
+
+def test_grad_norm_and_clip():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    n = grad_norm([p])
+    assert n == pytest.approx(5.0)
+    clip_([p], n, 1.0)
+    assert grad_norm([p]) == pytest.approx(1.0, rel=1e-5)
+    p.grad[0] = float("inf")
+    assert not math.isfinite(grad_norm([p]))
+
+
+def _save(run, step, keep=2):
+    files = {"model.pt": {"w": torch.full((2,), float(step))}, "trainer.json": {"step": step}, "config.json": {}}
+    return ckpt.save(run, step, files, is_root=True, barrier=lambda: None, keep=keep)
+
+
+def test_checkpoint_atomic_latest_and_retention(tmp_path):
+    for s in (1, 2, 3):
+        _save(tmp_path, s)
+    assert [d.name for d in ckpt.list_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-00000003"
+    # a half-written newer checkpoint is invisible and cleaned later
+    (tmp_path / "checkpoints" / "step-00000004.tmp").mkdir()
+    (tmp_path / "checkpoints" / "step-00000004.tmp" / "model.pt").write_bytes(b"partial")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    assert ckpt.resolve_resume(tmp_path, "auto").name == "step-00000003"
+    ckpt.clean_stale(tmp_path)
+    assert not (tmp_path / "checkpoints" / "step-00000004.tmp").exists()
+    # a stale pointer falls back to the newest complete directory
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000099\n")
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-00000003"
+    # rewriting the same step replaces it
+    _save(tmp_path, 3)
+    assert ckpt.load_torch(ckpt.latest_checkpoint(tmp_path) / "model.pt")["w"][0] == 3.0
+    assert ckpt.resolve_resume(tmp_path / "fresh", "auto") is None
+    with pytest.raises(HpcllmError, match="not a complete checkpoint"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "nope"))
+
+
+def test_checkpoint_loads_refuse_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(HpcllmError, match="cannot load"):
+        ckpt.load_torch(tmp_path / "model.pt")
+
+
+def test_rng_state_roundtrip():
+    import random
+
+    import numpy as np
+
+    st = ckpt.rng_state()
+    a = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(st, "/tmp/_hpcllm_rng.pt")
+    ckpt.set_rng_state(torch.load("/tmp/_hpcllm_rng.pt", weights_only=True))
+    b = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_config_precedence_toml_then_flags(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('steps = 50\n[data]\nmicro_batch = 3\naccum = 2\n[parallel]\nhierarchical_allreduce = true\n'
+                    '[model]\nmodel = "mini"\n')
+    cfg = build_config(str(toml), accum=5)
+    assert (cfg.steps, cfg.data.micro_batch, cfg.data.accum, cfg.model.model) == (50, 3, 5, "mini")
+    assert cfg.parallel.hierarchical_allreduce is True
+    toml.write_text("[data]\nmicro_bath = 3\n")
+    with pytest.raises(HpcllmError, match="unknown key 'micro_bath' in \\[data\\]"):
+        build_config(str(toml))
+    toml.write_text('[precision]\nprecision = "fp8"\n')
+    with pytest.raises(HpcllmError, match="must be one of"):
+        build_config(str(toml))
+    with pytest.raises(HpcllmError, match="--accum 0"):
+        build_config(None, accum=0)
+
+
+def test_click_options_are_generated_and_roundtrip():
+    flags = {s.flag for s in option_specs()}
+    for f in ["--data", "--out", "--model", "--n-layer", "--n-head", "--d-model", "--seq-len", "--micro-batch",
+              "--accum", "--steps", "--lr", "--seed", "--precision", "--log-every", "--eval-every", "--ckpt-every",
+              "--resume", "--grad-compression", "--fusion-threshold-mb", "--cycle-time-ms",
+              "--hierarchical-allreduce", "--timeline", "--pipeline-stages", "--schedule", "--microbatches",
+              "--balance", "--recompute", "--threads", "--peak-tflops"]:
+        assert f in flags, f
+    seen = {}
+
+    @click.command()
+    @add_train_options
+    def cmd(**kw):
+        seen.update(kw)
+
+    argv = ["--data", "d", "--micro-batch", "4", "--no-hierarchical-allreduce", "--schedule", "gpipe"]
+    cmd(argv, standalone_mode=False)
+    assert to_cli_args(seen) == argv
+    cfg = build_config(**seen)
+    assert cfg.data.path == "d" and cfg.parallel.schedule == "gpipe" and cfg.parallel.hierarchical_allreduce is False
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "hpcllm", "train", *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+
+
+def test_bad_input_is_one_line_exit_2(dataset, tmp_path):
+    r = _cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "missing" in r.stderr
+    r = _cli("--data", str(dataset), "--out", str(tmp_path / "o"), "--model", "nope")
+    assert r.returncode == 2 and "unknown preset" in r.stderr
+    r = _cli("--data", str(dataset), "--out", str(tmp_path / "o"), "--seq-len", "100000", "--steps", "1")
+    assert r.returncode == 2 and "fewer than one window" in r.stderr, r.stderr
+
+
+def test_resume_refuses_another_tokenizer_or_shape_before_step_1(dataset, tmp_path):
+    out = tmp_path / "run"
+    base = [*TINY, "--data", str(dataset), "--out", str(out), "--micro-batch", "2"]
+    run_train(base + ["--steps", "2"])
+    r = run_train(base + ["--steps", "4", "--resume", "auto", "--d-model", "64"], check=False)
+    assert r.returncode == 2 and "d_model 32 -> 64" in r.stderr, r.stderr
+    trainer = out / "checkpoints" / "step-00000002" / "trainer.json"
+    t = json.loads(trainer.read_text())
+    t["tokenizer_sha256"] = "0" * 64
+    trainer.write_text(json.dumps(t))
+    r = run_train(base + ["--steps", "4", "--resume", "auto"], check=False)
+    assert r.returncode == 2 and "different tokenizer" in r.stderr, r.stderr
+    assert max(losses(out)) == 2  # no step ran
+
+
+def test_loss_falls_and_metrics_are_complete(dataset, tmp_path):
+    out = tmp_path / "run"
+    r = run_train([*TINY, "--data", str(dataset), "--out", str(out), "--steps", "60", "--micro-batch", "8",
+                   "--lr", "1e-2", "--log-every", "10", "--eval-every", "30", "--eval-batches", "4"])
+    from hpcllm.train.metrics import read_metrics
+
+    recs = read_metrics(out)
+    train_recs = [x for x in recs if "loss" in x]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s"):
+        assert all(key in x for x in train_recs), key
+    vals = [x["val_loss"] for x in recs if "val_loss" in x]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    # a fresh model predicts ~uniformly over 257 bytes: loss ln(257) = 5.55
+    assert train_recs[-1]["loss"] < 0.6 * math.log(257), train_recs
+    assert train_recs[0]["loss"] > train_recs[-1]["loss"]
+    assert "global batch 8 sequences = 256 tokens" in r.stdout
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["n_layer"] == 2 and cfg["data"]["micro_batch"] == 8 and cfg["steps"] == 60
