@@ -180,7 +180,27 @@ def test_resume_refuses_another_tokenizer_or_shape_before_step_1(dataset, tmp_pa
     assert max(losses(out)) == 2  # no step ran
 
 
-def test_loss_falls_and_metrics_are_complete(dataset, tmp_path):
+def _stdlib_dataset(tmp_path, n_files=30):
+    """A slice of the built-in corpus (Python stdlib sources, data_prep/build_stdlib_corpus.py)."""
+    import importlib.util
+    import os
+
+    from hpcllm.data.preprocess import run_preprocess
+
+    spec = importlib.util.spec_from_file_location("build_stdlib_corpus", REPO / "data_prep" / "build_stdlib_corpus.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    src = tmp_path / "stdlib.jsonl"
+    with open(src, "w") as f:
+        for root, rel in list(mod.stdlib_files(False))[:n_files]:
+            with open(os.path.join(root, rel), encoding="utf-8") as g:
+                f.write(json.dumps({"text": g.read(), "path": rel}) + "\n")
+    run_preprocess([str(src)], str(tmp_path / "ds"), tokenizer="byte", val_fraction=0.1, workers=1)
+    return tmp_path / "ds"
+
+
+def test_loss_falls_on_the_builtin_corpus_and_metrics_are_complete(tmp_path):
+    dataset = _stdlib_dataset(tmp_path)
     out = tmp_path / "run"
     r = run_train([*TINY, "--data", str(dataset), "--out", str(out), "--steps", "60", "--micro-batch", "8",
                    "--lr", "1e-2", "--log-every", "10", "--eval-every", "30", "--eval-batches", "4"])
