@@ -212,9 +212,10 @@ def test_loss_falls_on_the_builtin_corpus_and_metrics_are_complete(tmp_path):
         assert all(key in x for x in train_recs), key
     vals = [x["val_loss"] for x in recs if "val_loss" in x]
     assert len(vals) == 2 and vals[1] < vals[0]
-    # a fresh model predicts ~uniformly over 257 bytes: loss ln(257) = 5.55
-    assert train_recs[-1]["loss"] < 0.6 * math.log(257), train_recs
-    assert train_recs[0]["loss"] > train_recs[-1]["loss"]
+    # a fresh model predicts ~uniformly over 257 bytes: loss ln(257) = 5.55; this tiny model
+    # reaches ~3.2 in 60 steps (byte unigram statistics of Python source and some bigrams)
+    assert train_recs[-1]["loss"] < 0.65 * math.log(257), train_recs
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"] - 0.8, train_recs
     assert "global batch 8 sequences = 256 tokens" in r.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["n_layer"] == 2 and cfg["data"]["micro_batch"] == 8 and cfg["steps"] == 60
