@@ -16,6 +16,7 @@ Shards are opened lazily per process (after a fork the child reopens its own map
 """
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 
@@ -37,14 +38,17 @@ def _mix(x: int) -> int:
 
 def _mix_np(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser, vectorised (uint64 arithmetic wraps, as intended)."""
-    x = x.astype(np.uint64, copy=True)
-    with np.errstate(over="ignore"):
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
+    x = x.astype(np.uint64, copy=True)  # array (not scalar) integer ops wrap without warnings
+    x ^= x >> _S30
+    x *= _K1
+    x ^= x >> _S27
+    x *= _K2
+    x ^= x >> _S31
     return x
+
+
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_K1, _K2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 class FeistelPermutation:
@@ -87,6 +91,7 @@ class TokenStream:
         sizes = np.array([int(e["tokens"]) for e in entries], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.total = int(self.starts[-1])
+        self._starts_list = self.starts.tolist()
         self._pid = None
         self._arrays: list = []
 
@@ -96,7 +101,10 @@ class TokenStream:
             self._arrays = [None] * len(self.paths)
         a = self._arrays[i]
         if a is None:
-            a = self._arrays[i] = open_tokens(self.paths[i])
+            a = open_tokens(self.paths[i])
+            if isinstance(a, np.memmap):
+                a = a.view(np.ndarray)  # plain ndarray slicing (no memmap subclass overhead); map stays alive
+            self._arrays[i] = a
         return a
 
     def read(self, start: int, length: int) -> np.ndarray:
@@ -120,9 +128,24 @@ class TokenStream:
         return max(0, (self.total - 1) // seq_len)
 
     def read_windows(self, idx: np.ndarray, seq_len: int) -> np.ndarray:
-        out = np.empty((len(idx), seq_len + 1), dtype=np.int64)
-        for row, w in enumerate(idx):
-            out[row] = self.read(int(w) * seq_len, seq_len + 1)
+        """Windows ``idx`` (in units of seq_len) as an int64 array (len(idx), seq_len + 1)."""
+        L = seq_len + 1
+        out = np.empty((len(idx), L), dtype=np.int64)
+        if self._pid != os.getpid():
+            self._array(0)  # (re)opens lazily for this process
+        arrays, bounds = self._arrays, self._starts_list
+        # plain-Python per-window work: this loop is the hot path of random access
+        for r, w in enumerate(np.asarray(idx, dtype=np.int64).tolist()):
+            start = w * seq_len
+            s = bisect.bisect_right(bounds, start) - 1
+            a = arrays[s]
+            if a is None:
+                a = self._array(s)
+            lo = start - bounds[s]
+            if lo + L <= len(a):
+                out[r] = a[lo:lo + L]
+            else:  # crosses into the next shard(s)
+                out[r] = self.read(start, L)
         return out
 
 
@@ -204,6 +227,7 @@ class BatchLoader:
         self.slot = 0
         self.consumed = [0] * len(self.corpora)
         self._perms: dict = {}
+        self._blocks: dict = {}
 
     # -- order -----------------------------------------------------------------------------
     def slot_corpora(self, slots: np.ndarray) -> np.ndarray:
@@ -237,17 +261,34 @@ class BatchLoader:
         win = np.empty(count, dtype=np.int64)
         for c in range(len(self.corpora)):
             mask = corp == c
-            if not mask.any():
-                continue
-            n = self.n_windows[c]
-            p = pos[mask]
-            epochs = p // n
-            res = np.empty(len(p), dtype=np.int64)
-            for e in np.unique(epochs):
-                m = epochs == e
-                res[m] = self._perm(c, int(e))(p[m] % n)
-            win[mask] = res
+            if mask.any():
+                win[mask] = self.windows_at(c, pos[mask])
         return corp, win, after
+
+    #: positions per cached block of the permutation (positions are consumed in order, so one
+    #: vectorised evaluation serves many steps)
+    BLOCK = 1 << 14
+
+    def windows_at(self, c: int, positions: np.ndarray) -> np.ndarray:
+        """Window index of corpus ``c`` at each position (epoch-wise permutations)."""
+        blocks = positions // self.BLOCK
+        out = np.empty(len(positions), dtype=np.int64)
+        for b in np.unique(blocks).tolist():
+            cached = self._blocks.get((c, b))
+            if cached is None:
+                if len(self._blocks) >= 8:
+                    self._blocks.pop(next(iter(self._blocks)))
+                n = self.n_windows[c]
+                p = np.arange(b * self.BLOCK, (b + 1) * self.BLOCK, dtype=np.int64)
+                epochs = p // n
+                cached = np.empty(len(p), dtype=np.int64)
+                for e in np.unique(epochs).tolist():
+                    m = epochs == e
+                    cached[m] = self._perm(c, e)(p[m] % n)
+                self._blocks[(c, b)] = cached
+            m = blocks == b
+            out[m] = cached[positions[m] - b * self.BLOCK]
+        return out
 
     # -- batches ---------------------------------------------------------------------------
     def next_batch(self) -> list:
