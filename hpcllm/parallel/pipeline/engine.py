@@ -90,8 +90,12 @@ class PipelineEngine:
         compute = wait = 0.0
         live = peak = 0
         t_step = time.perf_counter()
+        channels = [ch for ch in (self.to_next, self.from_next, self.to_prev, self.from_prev) if ch is not None]
         for ins in self.program:
             op, mb = ins.op, ins.mb
+            if op in (S.FWD, S.BWD):
+                for ch in channels:  # kick pending transfers before computing for a while
+                    ch.progress()
             t0 = time.perf_counter()
             if op == S.RECV_FWD:
                 buf = self.from_prev.recv(mb)
