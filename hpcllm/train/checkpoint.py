@@ -117,8 +117,8 @@ def save(run_dir, step: int, files: dict[str, Any], *, is_root: bool, barrier: C
          keep: int) -> Path:
     """Write one checkpoint collectively; returns its final directory.
 
-    ``files`` maps file names to objects this rank writes: ``*.json`` as JSON, anything else
-    with ``torch.save``. Rank 0 must include ``trainer.json`` (written last, as the
+    ``files`` maps file names to objects this rank writes: bytes verbatim, ``*.json`` as
+    JSON, anything else with ``torch.save``. Rank 0 must include ``trainer.json`` (written last, as the
     directory's completeness mark) and ``config.json``.
     """
     root = ckpt_root(run_dir)
@@ -134,7 +134,10 @@ def save(run_dir, step: int, files: dict[str, Any], *, is_root: bool, barrier: C
     names = sorted(files, key=lambda n: (n == "trainer.json", not n.startswith("model"), n))
     for i, name in enumerate(names):
         obj = files[name]
-        (_save_json if name.endswith(".json") else _save_torch)(obj, tmp / name)
+        if isinstance(obj, bytes):  # a file copied verbatim (the tokenizer)
+            (tmp / name).write_bytes(obj)
+        else:
+            (_save_json if name.endswith(".json") else _save_torch)(obj, tmp / name)
         if i == 0 and sleep > 0:
             time.sleep(sleep)
     barrier()

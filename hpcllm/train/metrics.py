@@ -3,7 +3,7 @@
 One JSON object per log interval::
 
     {"step": 100, "loss": 3.21, "lr": 0.0006, "grad_norm": 0.84, "tokens_per_s": 51234.0,
-     "mfu": 0.121, "step_time_s": 0.53, "tokens": 3276800, "loss_scale": 65536.0,
+     "mfu": 0.121, "step_time_s": 0.53, "sync_time_s": 0.02, "tokens": 3276800, "loss_scale": 65536.0,
      "skipped": 0, "time": 1700000000.0}
 
 plus ``val_loss`` on lines where the validation loss was computed (an eval-only line has
@@ -121,11 +121,14 @@ class MetricsLogger:
         self._reset()
 
     def _reset(self):
-        self._losses, self._time, self._steps = [], 0.0, 0
+        self._losses, self._time, self._sync, self._steps = [], 0.0, 0.0, 0
 
-    def step(self, loss: float, step_time_s: float) -> None:
+    def step(self, loss: float, step_time_s: float, sync_time_s: float = 0.0) -> None:
+        """One optimizer step: its global mean loss, wall time, and the time spent waiting
+        for the gradient allreduce (the part not hidden behind the backward pass)."""
         self._losses.append(loss)
         self._time += step_time_s
+        self._sync += sync_time_s
         self._steps += 1
 
     def flush(self, step: int, **fields) -> dict | None:
@@ -136,7 +139,8 @@ class MetricsLogger:
         tps = self.tokens_per_step / step_time if step_time > 0 else 0.0
         rec = {"step": step, "loss": sum(self._losses) / len(self._losses), **fields,
                "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops_total,
-               "step_time_s": step_time, "tokens": step * self.tokens_per_step, "time": time.time()}
+               "step_time_s": step_time, "sync_time_s": self._sync / self._steps,
+               "tokens": step * self.tokens_per_step, "time": time.time()}
         self._reset()
         self.write(rec)
         if self.enabled:

@@ -277,7 +277,7 @@ def _train(cfg: TrainConfig, dp) -> int:
             files["config.json"] = config_json
             files["trainer.json"] = trainer_state(step, loader, schedule, scaler, info, dp, global_batch)
             if tok_file is not None:
-                files["tokenizer.json"] = tok_file.read_text()
+                files["tokenizer.json"] = tok_file.read_bytes()
         path = ckpt.save(run_dir, step, files, is_root=dp.is_root, barrier=dp.barrier, keep=c.keep)
         log(dp, f"checkpoint {path}")
         return path
@@ -301,7 +301,9 @@ def _train(cfg: TrainConfig, dp) -> int:
                     loss = loss * float("nan")
                 scaler.scale_loss(loss).backward()
                 loss_sum += loss.detach().float()
+            ts = time.perf_counter()
             dp.synchronize(optimizer)
+            sync_s = time.perf_counter() - ts
             scaler.unscale_(params)
             norm = grad_norm(params)
             agreed = agree(dp, loss_sum, math.isfinite(norm), stop.requested)
@@ -329,7 +331,7 @@ def _train(cfg: TrainConfig, dp) -> int:
                 optimizer.zero_grad()
                 grad_norm_value = norm
             scaler.update(agreed.overflow)
-            metrics.step(agreed.loss, time.perf_counter() - t0)
+            metrics.step(agreed.loss, time.perf_counter() - t0, sync_s)
             done = step + 1
 
             record = {}
