@@ -191,8 +191,23 @@ def test_two_task_array_plus_merge_equals_one_task(big_corpus, reference, tmp_pa
                 os.environ.pop(k)
             else:
                 os.environ[k] = v
-    part0 = run_preprocess([str(big_corpus)], str(out), num_tasks=2, task_id=0, **OPTS)
-    assert part0["documents"] > 1000 and part1["documents"] > 1000
+    # the first task is killed -9 once in the middle and resumed, through the CLI
+    args = _cli_args(big_corpus, out, 1) + ["--num-tasks", "2", "--task-id", "0"]
+    cli_env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen(args, env=cli_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tokens_bin = out / "parts" / "task-00000-of-00002" / "tokens.bin"
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline:
+        if tokens_bin.exists() and tokens_bin.stat().st_size > 1_000_000:
+            os.kill(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    p.wait()
+    r = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "merge" in r.stdout, r.stderr
+    assert p.returncode == -signal.SIGKILL and "resuming" in r.stderr
+    part0 = json.loads((out / "parts" / "task-00000-of-00002" / "state.json").read_text())
+    assert part0["done"] and part0["docs"] > 1000 and part1["documents"] > 1000
     assert not (out / "manifest.json").exists()
     merge_parts(str(out))
     assert dataset_digest(out) == reference
