@@ -644,7 +644,11 @@ def part_dir(out: str, num_tasks: int, task_id: int) -> str:
 # -- the entry points ---------------------------------------------------------------------------
 
 def _fingerprint(files, opts: PreprocessOptions, tok, corpora) -> str:
-    """Identity of a run's output: inputs (path, size, mtime) and every option that shapes it."""
+    """Identity of a run's output: inputs (path, size, mtime) and every option that shapes it.
+
+    Not --workers (output is identical for any count) and not --strict (a strict run that
+    stopped at a bad record has committed exactly what a lenient run would have, so it can be
+    resumed without --strict)."""
     inputs = []
     for f in files:
         try:
@@ -654,7 +658,7 @@ def _fingerprint(files, opts: PreprocessOptions, tok, corpora) -> str:
             inputs.append([f.path, f.corpus, None, None])
     shaping = {k: getattr(opts, k) for k in ("text_key", "txt_split", "val_fraction", "shard_tokens", "min_chars",
                                              "nfc", "strip_control", "dedup", "compression", "item_bytes",
-                                             "max_doc_mb", "strict")}
+                                             "max_doc_mb")}
     blob = json.dumps({"inputs": inputs, "options": shaping, "tokenizer": tok.sha256, "corpora": corpora},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -94,3 +94,14 @@ def test_fatal_inputs(bad, tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     r = hpcllm("preprocess", bad / "good.jsonl", "--out", tmp_path / "c", "--tokenizer", tmp_path / "no.json")
     assert r.returncode == 2 and "tokenizer file does not exist" in r.stderr
+
+
+def test_a_strict_stop_keeps_the_work_done_and_resumes_leniently(bad, tmp_path):
+    out = tmp_path / "ds"
+    args = ["preprocess", bad / "good.jsonl", bad / "badjson.jsonl", "--out", out, "--no-progress"]
+    r = hpcllm(*args, "--strict")
+    assert r.returncode == 2 and "badjson.jsonl:2: malformed JSON" in r.stderr
+    r = hpcllm(*args)
+    assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dropped"] == {"bad_json": 1} and m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 21
