@@ -187,6 +187,8 @@ def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "
     if not out:
         raise HpcllmError(f"no layout: global batch {global_batch} is not divisible by any data-parallel "
                           f"size of {world} devices with <= {shape.n_layer} pipeline stages")
-    # fitting layouts first, fastest first; among equals fewer stages, no recomputation
-    out.sort(key=lambda L: (not L.fits, -L.tokens_per_s, L.pipeline_stages, L.recompute, -L.micro_batch))
+    # fitting layouts first, fastest first; among equals fewer stages, no recomputation;
+    # then the ones that do not fit, smallest first (how far off they are)
+    out.sort(key=lambda L: (0, -L.tokens_per_s, L.pipeline_stages, L.recompute, -L.micro_batch) if L.fits
+             else (1, L.memory.total, 0, 0, 0))
     return out
