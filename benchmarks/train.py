@@ -84,16 +84,24 @@ def worker_allreduce(args) -> None:
 
         hvd.init()
     rounds = 3 if args.quick else 5
-    out = {"impl": impl, "inplace": args.inplace, "env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
+    out = {"impl": impl, "inplace": args.inplace, "poll_us": args.poll_us, "env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
            "world": world, "sizes": {}}
+
+    def wait(handle):
+        # hvd.synchronize() polls the handle every 1 ms (C++ sleep_for in wait_and_clear);
+        # --poll-us polls from Python at a finer interval first
+        if args.poll_us:
+            while not hvd.poll(handle):
+                time.sleep(args.poll_us * 1e-6)
+        return hvd.synchronize(handle)
 
     def one(t: torch.Tensor, name: str):
         if impl == "mpi":
             comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
         elif args.inplace:
-            hvd.allreduce_(t, op=hvd.Sum, name=name)
+            wait(hvd.allreduce_async_(t, op=hvd.Sum, name=name))
         else:
-            hvd.allreduce(t, op=hvd.Sum, name=name)
+            wait(hvd.allreduce_async(t, op=hvd.Sum, name=name))
 
     for size in _sizes(args):
         t = torch.ones(size // 4, dtype=torch.float32)
@@ -127,7 +135,7 @@ def worker_allreduce(args) -> None:
         else:
             hs = [hvd.allreduce_async_(g, op=hvd.Average, name=f"grad.{i}") for i, g in enumerate(grads)]
             for h in hs:
-                hvd.synchronize(h)
+                wait(h)
 
     for _ in range(3):
         step_allreduce()
@@ -237,7 +245,9 @@ def bench_baseline(steps: int, warmup: int, threads: int) -> dict:
         j = (i % 8) * s["micro_batch"]
         batch = data[j:j + s["micro_batch"]]
         t0 = time.perf_counter()
-        loss = model(batch[:, :-1], batch[:, 1:])
+        # as nanoGPT's get_batch: contiguous (x, y) per step
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        loss = model(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -281,10 +291,12 @@ def run_allreduce(quick: bool, settings: list[str], repeats: int) -> dict:
                     cmd = [sys.executable, __file__, "--worker", "allreduce", "--impl", "mpi", "--json", out]
                     env = {}
                 else:
-                    env, inplace = HVD_SETTINGS[name]
+                    env, inplace, *poll = HVD_SETTINGS[name]
                     cmd = [sys.executable, __file__, "--worker", "allreduce", "--impl", "hvd", "--json", out]
                     if inplace:
                         cmd.append("--inplace")
+                    if poll:
+                        cmd += ["--poll-us", str(poll[0])]
                 if quick:
                     cmd.append("--quick")
                 _mpirun(2, cmd, env={"OMP_NUM_THREADS": "1", **env}, timeout=300)
@@ -405,31 +417,61 @@ def train_run(data: Path, out: Path, np_: int, threads: int, precision: str, ste
                 "step_time_s" in r for r in used) else None,
             "mfu": statistics.median(r["mfu"] for r in used if r.get("mfu") is not None) if any(
                 r.get("mfu") is not None for r in used) else None,
+            "sync_time_s": statistics.median(r["sync_time_s"] for r in used if "sync_time_s" in r) if any(
+                "sync_time_s" in r for r in used) else None,
             "records": len(used), "ranks": np_, "threads": threads, "precision": precision, "wall_s": wall,
             "final_loss": recs[-1].get("loss")}
 
 
-def run_step(quick: bool, repeats: int) -> dict:
-    """hpcllm fp32/bf16 vs the plain loop, all with 2 threads, interleaved ``repeats`` times."""
+def run_step(quick: bool, repeats: int, force_bf16: bool = False) -> dict:
+    """hpcllm fp32/bf16 vs the plain loop, all with 2 threads, interleaved ``repeats`` times.
+
+    Without AMX/AVX512-BF16 a bf16 matmul on CPU is tens of times slower than fp32 (no fast
+    kernels), so a bf16 training run of this shape takes minutes per step: it is skipped
+    (unless ``force_bf16``) and the matmul speed ratio is reported instead."""
     steps, log_every = (12, 4) if quick else (30, 5)
     base_steps = 8 if quick else 20
-    out = {"baseline": [], "fp32": [], "bf16": []}
+    precisions = ["fp32", "bf16"] if (force_bf16 or _fast_bf16()) else ["fp32"]
+    out = {"baseline": [], **{p: [] for p in precisions}}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
         for rep in range(repeats):
             out["baseline"].append(bench_baseline(base_steps, 3, threads=2))
             print(f"  step baseline rep {rep}: {out['baseline'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
-            for prec in ("fp32", "bf16"):
-                # bf16 without AMX/AVX512-BF16 is very slow on CPU: fewer steps
-                st, le = (steps, log_every) if prec == "fp32" or _fast_bf16() else (6, 2)
+            for prec in precisions:
+                st, le = (steps, log_every) if prec == "fp32" or _fast_bf16() else (4, 1)
                 out[prec].append(train_run(data, Path(tmp) / f"{prec}-{rep}", 1, 2, prec, st, le))
                 print(f"  step hpcllm {prec} rep {rep}: {out[prec][-1]['tokens_per_s']:.0f} tok/s", flush=True)
     summary = {k: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in v), "runs": v} for k, v in out.items()}
     b = summary["baseline"]["tokens_per_s"]
-    for k in ("fp32", "bf16"):
+    for k in precisions:
         summary[k]["vs_baseline"] = summary[k]["tokens_per_s"] / b
     summary["cpu_capability"] = _cpu_capability()
+    summary["fast_bf16"] = _fast_bf16()
+    summary["matmul_gflops"] = matmul_speed()
+    if "bf16" not in precisions:
+        summary["bf16"] = {"skipped": "no AMX/AVX512-BF16 on this CPU: bf16 matmuls run at "
+                                      f"{summary['matmul_gflops']['bf16']:.1f} GFLOP/s vs fp32 "
+                                      f"{summary['matmul_gflops']['fp32']:.1f} (autocast would be slower)"}
     return summary
+
+
+def matmul_speed(threads: int = 2) -> dict:
+    """GFLOP/s of a (4096x256)@(256x1024) matmul, the MLP shape of the benchmark, per dtype."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(4096, 256), torch.randn(256, 1024)
+    res = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dt), b.to(dt)
+        x @ y
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.5 or n < 2:
+            x @ y
+            n += 1
+        res[name] = 2 * 4096 * 256 * 1024 * n / (time.perf_counter() - t0) / 1e9
+    return res
 
 
 def _cpu_capability() -> str:
@@ -459,9 +501,15 @@ def run_dp(quick: bool, repeats: int, precision: str) -> dict:
     one = statistics.median(r["tokens_per_s"] for r in out["1x1"])
     two = statistics.median(r["tokens_per_s"] for r in out["2x1"])
     st = [r["step_time_s"] for r in out["2x1"] if r["step_time_s"]]
-    return {"precision": precision, "tokens_per_s_1x1": one, "tokens_per_s_2x1": two,
-            "efficiency": two / (2 * one), "step_time_s_2x1": statistics.median(st) if st else None,
-            "runs": out}
+    sync = [r["sync_time_s"] for r in out["2x1"] if r.get("sync_time_s") is not None]
+    res = {"precision": precision, "tokens_per_s_1x1": one, "tokens_per_s_2x1": two,
+           "efficiency": two / (2 * one), "step_time_s_2x1": statistics.median(st) if st else None,
+           "runs": out}
+    if sync and res["step_time_s_2x1"]:
+        # measured inside training: time waiting for the gradient allreduce after backward
+        res["sync_time_s_2x1"] = statistics.median(sync)
+        res["sync_share"] = res["sync_time_s_2x1"] / res["step_time_s_2x1"]
+    return res
 
 
 def step_table(st: dict) -> str:
@@ -470,7 +518,10 @@ def step_table(st: dict) -> str:
              f"{'loop':<44}{'tokens/s':>10}{'x baseline':>12}", "-" * 66,
              f"{'plain PyTorch (nanoGPT-style, fp32, AdamW)':<44}{st['baseline']['tokens_per_s']:>10.0f}{1.0:>12.2f}"]
     for k in ("fp32", "bf16"):
-        lines.append(f"{'hpcllm train ' + k:<44}{st[k]['tokens_per_s']:>10.0f}{st[k]['vs_baseline']:>12.2f}")
+        if "skipped" in st.get(k, {}):
+            lines.append(f"{'hpcllm train ' + k:<44}{'skipped':>10}{'':>12}   ({st[k]['skipped']})")
+        elif k in st:
+            lines.append(f"{'hpcllm train ' + k:<44}{st[k]['tokens_per_s']:>10.0f}{st[k]['vs_baseline']:>12.2f}")
     return "\n".join(lines)
 
 
@@ -484,6 +535,9 @@ def dp_table(dp: dict, ar: dict | None) -> str:
         lines.append(f"allreduce of one step's gradients ({dp['allreduce_setting']}): "
                      f"{dp['allreduce_grads_s'] * 1e3:.1f} ms = {dp['allreduce_share'] * 100:.1f}% of a "
                      f"{dp['step_time_s_2x1'] * 1e3:.0f} ms step")
+    if dp.get("sync_share") is not None:
+        lines.append(f"time a training step waits for its gradient allreduce (measured in hpcllm train): "
+                     f"{dp['sync_time_s_2x1'] * 1e3:.1f} ms = {dp['sync_share'] * 100:.1f}% of the step")
     return "\n".join(lines)
 
 
@@ -496,7 +550,8 @@ def main(argv=None) -> int:
     p.add_argument("--impl", choices=["mpi", "hvd"], help=argparse.SUPPRESS)
     p.add_argument("--inplace", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
-    p.add_argument("--sizes", help=argparse.SUPPRESS)  # worker: comma list of byte sizes (exploration)
+    p.add_argument("--sizes", help=argparse.SUPPRESS)
+    p.add_argument("--poll-us", type=float, default=0.0, help=argparse.SUPPRESS)  # worker: comma list of byte sizes (exploration)
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, noisy numbers)")
     p.add_argument("--parts", default="step,dp,allreduce", help="comma list of step, dp, allreduce")
     p.add_argument("--settings", default=",".join(HVD_SETTINGS), help="Horovod settings to compare (allreduce part)")
@@ -505,6 +560,7 @@ def main(argv=None) -> int:
     p.add_argument("--step-repeats", type=int, default=2, help="interleaved repeats of the step part")
     p.add_argument("--dp-repeats", type=int, default=2, help="interleaved repeats of the dp part")
     p.add_argument("--dp-precision", default="fp32", help="precision of the dp part")
+    p.add_argument("--force-bf16", action="store_true", help="run the bf16 step even without fast bf16 (slow)")
     args = p.parse_args(argv)
     if args.worker == "allreduce":
         worker_allreduce(args)
@@ -521,7 +577,7 @@ def main(argv=None) -> int:
             pass
     tables = []
     if "step" in parts:
-        results["step"] = run_step(args.quick, args.step_repeats)
+        results["step"] = run_step(args.quick, args.step_repeats, args.force_bf16)
     if "step" in results:
         tables.append(step_table(results["step"]))
     if "allreduce" in parts:
