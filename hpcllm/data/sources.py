@@ -282,14 +282,18 @@ def iter_items(files: list[InputFile], units: list[Unit], options: SourceOptions
                 if item.key[2] > skip_sub:
                     yield item
         except _FileProblem as p:
-            if skip_sub < 0:
-                yield _err_item(f, unit, p.line, p.reason, p.message)
+            if p.sub > skip_sub:  # a problem after the resume point is reported (again)
+                item = _err_item(f, unit, p.line, p.reason, p.message)
+                item.key = (f.index, unit.part, p.sub)
+                yield item
 
 
 class _FileProblem(Exception):
-    def __init__(self, line, reason, message):
+    """A file-level problem; ``sub`` is the index of the item it replaces (keys stay ordered)."""
+
+    def __init__(self, line, reason, message, sub=0):
         super().__init__(message)
-        self.line, self.reason, self.message = line, reason, message
+        self.line, self.reason, self.message, self.sub = line, reason, message, sub
 
 
 def _check_start(f: InputFile, head: bytes):
@@ -363,6 +367,7 @@ def _stream_items(f: InputFile, unit: Unit, options: SourceOptions):
         fh = _open_stream(f)
     except OSError as e:
         raise _FileProblem(1, "unreadable_file", _read_error(f, e)) from None
+    sub, line = 0, 1
     with fh:
         try:
             head = fh.peek(8192)[:8192] if hasattr(fh, "peek") else b""
@@ -375,7 +380,6 @@ def _stream_items(f: InputFile, unit: Unit, options: SourceOptions):
                 yield Item((f.index, unit.part, 0), f.corpus, f.path, "whole", 1, data, len(data))
                 return
             kind = "lines" if f.fmt == "jsonl" else "paragraphs"
-            sub, line = 0, 1
             chunks, errors, first_line, nbytes = [], [], 1, 0
             while True:
                 raw, too_long = _readline(fh, options.max_doc_bytes)
@@ -396,11 +400,13 @@ def _stream_items(f: InputFile, unit: Unit, options: SourceOptions):
                     chunks, errors, first_line, nbytes = [], [], line, 0
             if chunks or errors:
                 yield Item((f.index, unit.part, sub), f.corpus, f.path, kind, first_line, b"".join(chunks), nbytes, errors)
+        except _FileProblem:
+            raise
         except (OSError, EOFError, lzma.LZMAError) as e:
-            raise _FileProblem(1, "unreadable_file", _read_error(f, e)) from None
+            raise _FileProblem(line, "unreadable_file", _read_error(f, e), sub=sub) from None
         except Exception as e:  # zstandard.ZstdError and friends: corrupt compressed data
             if type(e).__module__.startswith("zstandard"):
-                raise _FileProblem(1, "unreadable_file", _read_error(f, e)) from None
+                raise _FileProblem(line, "unreadable_file", _read_error(f, e), sub=sub) from None
             raise
 
 
@@ -411,6 +417,7 @@ def _parquet_items(f: InputFile, unit: Unit, options: SourceOptions):
     if unit.start < 0:
         raise _FileProblem(1, "unreadable_file", f"{f.path}: cannot read as parquet")
     column = options.text_key.split(".")[0]
+    sub, row = 0, 1
     try:
         pf = pq.ParquetFile(f.path)
         if column not in pf.schema_arrow.names:
@@ -418,14 +425,13 @@ def _parquet_items(f: InputFile, unit: Unit, options: SourceOptions):
                                f"(columns: {', '.join(pf.schema_arrow.names)})")
         md = pf.metadata
         row = sum(md.row_group(i).num_rows for i in range(unit.start)) + 1
-        for sub, batch in enumerate(pf.iter_batches(batch_size=options.batch_rows, row_groups=[unit.start],
-                                                    columns=[column])):
+        for batch in pf.iter_batches(batch_size=options.batch_rows, row_groups=[unit.start], columns=[column]):
             values = batch.column(0).to_pylist()
-            nbytes = batch.nbytes
-            yield Item((f.index, unit.part, sub), f.corpus, f.path, "texts", row, values, nbytes)
+            yield Item((f.index, unit.part, sub), f.corpus, f.path, "texts", row, values, batch.nbytes)
             row += len(values)
+            sub += 1
     except (OSError, pa.ArrowException) as e:
-        raise _FileProblem(1, "unreadable_file", _read_error(f, e)) from None
+        raise _FileProblem(row, "unreadable_file", _read_error(f, e), sub=sub) from None
 
 
 # -- parsing (worker side) ----------------------------------------------------------------------
