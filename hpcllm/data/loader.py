@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import os
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -185,14 +184,6 @@ def _corpus_streams(data_dir: str, manifest: dict, split: str) -> list[tuple[str
         entries = [e for e in manifest["splits"][split]["shards"] if e.get("corpus", default) == c["name"]]
         out.append((c["name"], float(c.get("weight", 1.0)), TokenStream(data_dir, entries)))
     return out
-
-
-@dataclass
-class LoaderState:
-    """Position of a BatchLoader; JSON-able via ``state_dict``."""
-
-    slot: int = 0
-    consumed: dict | None = None
 
 
 class BatchLoader:

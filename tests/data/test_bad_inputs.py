@@ -105,3 +105,19 @@ def test_a_strict_stop_keeps_the_work_done_and_resumes_leniently(bad, tmp_path):
     assert r.returncode == 0 and "resuming" in r.stderr, r.stderr
     m = json.loads((out / "manifest.json").read_text())
     assert m["dropped"] == {"bad_json": 1} and m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 21
+
+
+def test_truncated_compressed_file_keeps_its_good_part_in_order(tmp_path):
+    from hpcllm.data.sources import SourceOptions, iter_items, parse_inputs, plan_units, resolve_files
+
+    lines = b"".join(json.dumps({"text": f"record {i} " + "x" * 40}).encode() + b"\n" for i in range(400))
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(lines)[:-200])  # truncated stream
+    src = SourceOptions(item_bytes=2048)
+    files = resolve_files(parse_inputs([str(tmp_path / "t.jsonl.gz")]))
+    items = list(iter_items(files, plan_units(files, src), src))
+    keys = [it.key for it in items]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys) and len(items) > 3
+    assert items[-1].kind == "none" and items[-1].errors[0][1] == "unreadable_file"
+    # resuming after the last good item reports the problem again, with the same key
+    again = list(iter_items(files, plan_units(files, src), src, after=keys[-2]))
+    assert [it.key for it in again] == [keys[-1]] and again[0].errors == items[-1].errors
