@@ -179,7 +179,7 @@ def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
     sbh = s * b * h
     if setup.recompute:
         return sbh * e_res  # only the layer input; the rest is rebuilt in the backward pass
-    n = sbh * (2 * e_res + 14 * e_mm)
+    n = sbh * (2 * e_res + 14 * e_mm) + 2 * 2 * 4 * s * b  # + fp32 mean and rstd of both LayerNorms
     if setup.flash_attention:
         n += 4 * a * s * b  # fp32 log-sum-exp per query row
     else:
@@ -195,7 +195,7 @@ def head_activation_bytes(shape: Shape, setup: Setup) -> int:
     """Final LayerNorm input, head input and the fp32 log-probabilities of the loss."""
     e_res, e_mm = bytes_per_element(setup.precision)
     sb = shape.seq_len * setup.micro_batch
-    return sb * shape.d_model * (e_res + e_mm) + sb * shape.vocab * 4
+    return sb * shape.d_model * (e_res + e_mm) + sb * shape.vocab * 4 + 2 * 4 * sb
 
 
 def embed_activation_bytes(shape: Shape, setup: Setup) -> int:
