@@ -111,6 +111,8 @@ def test_horovod_fusion_buffer_only_with_data_parallelism():
 def test_recomputation_trades_memory_for_time():
     cfg = GPTConfig(n_layer=16, n_head=16, d_model=2048, seq_len=2048)
     shape = Shape.from_config(cfg)
-    base = memory_per_device(shape, Setup(micro_batch=4, pipeline_stages=4, microbatches=8), H100)
-    rc = memory_per_device(shape, Setup(micro_batch=4, pipeline_stages=4, microbatches=8, recompute=True), H100)
+    layers = stage_layers(shape, 4)[0]
+    base = stage_memory(shape, Setup(micro_batch=4, pipeline_stages=4, microbatches=8), H100, 0, layers)
+    rc = stage_memory(shape, Setup(micro_batch=4, pipeline_stages=4, microbatches=8, recompute=True), H100, 0, layers)
     assert rc.activations < base.activations / 8
+    assert rc.total < base.total
