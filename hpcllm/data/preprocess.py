@@ -255,6 +255,7 @@ class Progress:
         if bar:
             from tqdm import tqdm
 
+            tqdm.monitor_interval = 0  # no monitor thread: workers are forked after this
             self.bar = tqdm(total=total_bytes or None, unit="B", unit_scale=True, desc=label, file=sys.stderr,
                             dynamic_ncols=True)
 
@@ -701,7 +702,7 @@ def run_preprocess(inputs: list[str], out: str, **options) -> dict:
     else:
         sink = _packer(out, fingerprint, config, opts.overwrite)
         if sink.done_manifest is not None:
-            log(f"{out}: already complete (same inputs and options), nothing to do")
+            log(f"{out}: already complete (same inputs and options), nothing to do (delete it to redo it)")
             return sink.done_manifest
         label = "preprocess"
     after = sink.last_key
