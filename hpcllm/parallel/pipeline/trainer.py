@@ -77,6 +77,9 @@ def make_layout(comm, stages: int) -> PipelineLayout:
     world, rank = comm.Get_size(), comm.Get_rank()
     if stages < 2:
         raise HpcllmError(f"--pipeline-stages {stages}: a pipeline needs at least 2 stages")
+    if world < stages:
+        raise HpcllmError(f"--pipeline-stages {stages}: needs at least {stages} ranks, one per stage "
+                          f"(e.g. mpirun -np {stages} or srun -n {stages}); this job has {world}")
     if world % stages:
         raise HpcllmError(f"--pipeline-stages {stages}: {world} ranks are not a multiple of {stages} "
                           f"(world = stages x data-parallel replicas)")
