@@ -490,6 +490,8 @@ def parse_item(item: Item, options: SourceOptions) -> tuple[list, list]:
             except UnicodeDecodeError as e:
                 errors.append(_utf8_error(path, line, raw, e))
                 continue
+            if line == 1 and s.startswith("\ufeff"):
+                s = s[1:]  # a UTF-8 byte-order mark at the start of the file
             try:
                 obj = json.loads(s)
             except ValueError as e:
