@@ -237,6 +237,25 @@ def load_stage_checkpoint(resume_dir: Path, saved: Partition, stage: PipelineSta
     load_named_optim_state(optimizer, stage, {"state": optim_state, "param_groups": groups}, device)
 
 
+def load_dp_checkpoint(resume_dir: Path, gpt_cfg, stage: PipelineStage, optimizer, device) -> None:
+    """Continue a data-parallel run as a pipeline: this stage's tensors from ``model.pt`` and
+    their AdamW state from ``optim.pt`` (indexed in the order the DP trainer's
+    ``build_optimizer`` gave the whole model's parameters: matrices, then the rest)."""
+    from hpcllm.model.gpt import GPT
+
+    full = ckpt.load_torch(resume_dir / "model.pt", map_location="cpu")
+    mine = {n for n, _ in stage.named_parameters()}
+    stage.load_state_dict({k: v for k, v in full.items() if k in mine})
+    del full
+    with torch.device("meta"):
+        whole = GPT(gpt_cfg)
+    named = list(whole.named_parameters())
+    order = [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+    dp_optim = ckpt.load_torch(resume_dir / "optim.pt", map_location="cpu")
+    state = {order[int(i)]: s for i, s in dp_optim["state"].items() if order[int(i)] in mine}
+    load_named_optim_state(optimizer, stage, {"state": state, "param_groups": dp_optim["param_groups"]}, device)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -385,10 +404,8 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
     if resume_dir is not None:
         if saved_part is not None:
             load_stage_checkpoint(resume_dir, saved_part, stage, optimizer, device)
-        else:  # a data-parallel checkpoint (model.pt): take this stage's tensors by name
-            full = ckpt.load_torch(resume_dir / "model.pt", map_location="cpu")
-            stage.load_state_dict({k: v for k, v in full.items() if k in dict(stage.named_parameters())})
-            del full
+        else:  # a data-parallel checkpoint (model.pt, optim.pt): take this stage's part by name
+            load_dp_checkpoint(resume_dir, gpt_cfg, stage, optimizer, device)
         if loader is not None:
             loader.load_state_dict(tstate["loader"])
         scaler.load_state_dict(tstate.get("loss_scaler") or {})
