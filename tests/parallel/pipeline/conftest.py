@@ -23,9 +23,11 @@ def pp_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference(pp_dataset, tmp_path_factory):
-    """Single process, `--accum 4`, STEPS steps: global batch 8 sequences."""
+    """Single process, `--accum 4`, STEPS steps: global batch 8 sequences; checkpoints at
+    steps 2 and 4."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    run_train(["--data", str(pp_dataset), "--out", str(out), "--accum", "4", "--steps", str(STEPS), *COMMON])
+    run_train(["--data", str(pp_dataset), "--out", str(out), "--accum", "4", "--steps", str(STEPS),
+               "--ckpt-every", "2", *COMMON])
     return out
 
 

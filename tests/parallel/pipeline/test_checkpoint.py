@@ -60,3 +60,14 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
     r = subprocess.run([sys.executable, "-m", "hpcllm", "export", str(ck), "--out", str(tmp_path / "bad.pt")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_continue_data_parallel_checkpoint_as_pipeline(reference, pp_dataset, tmp_path):
+    # the single-process run's step-2 checkpoint (model.pt, optim.pt) continued on P=2
+    base = tmp_path / "run"
+    run_mpi([sys.executable, SCRIPT, base, "gpipe", "--", "--data", pp_dataset, "--pipeline-stages", "2", *COMMON,
+             "--microbatches", "4", "--steps", str(STEPS),
+             "--resume", reference / "checkpoints" / "step-00000002"], np=2, env=ENV, timeout=150).check()
+    run = Path(f"{base}-gpipe")
+    assert losses(run) == pytest.approx(losses(reference)[2:], rel=1e-5, abs=1e-6)
+    assert_same_params(params(run), params(reference), "from DP")
