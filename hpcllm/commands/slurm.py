@@ -221,7 +221,9 @@ def preprocess_cmd(ctx, **kw):
     array_text, merge_text = render_preprocess(job, load_profile(profile_name))
     name = Path(script).name if script else "preprocess.sbatch"
     stem = name[: -len(".sbatch")] if name.endswith(".sbatch") else name
-    scripts = [Script(name, array_text), Script(f"{stem}-merge.sbatch", merge_text, after=name)]
+    scripts = [Script(name, array_text)]
+    if merge_text is not None:
+        scripts.append(Script(f"{stem}-merge.sbatch", merge_text, after=name))
     _emit(scripts, script, ".", submit, dry_run, single_file=True)
 
 
@@ -281,7 +283,8 @@ def chain_cmd(ctx, **kw):
                          env=_env(env_pairs), hpcllm_cmd=shell_split(hpcllm_cmd))
     array_text, merge_text = render_preprocess(prep, prep_profile)
     train_text = render_train(job, profile)
-    scripts = [Script("preprocess.sbatch", array_text),
-               Script("preprocess-merge.sbatch", merge_text, after="preprocess.sbatch"),
-               Script("train.sbatch", train_text, after="preprocess-merge.sbatch")]
+    scripts = [Script("preprocess.sbatch", array_text)]
+    if merge_text is not None:
+        scripts.append(Script("preprocess-merge.sbatch", merge_text, after="preprocess.sbatch"))
+    scripts.append(Script("train.sbatch", train_text, after=scripts[-1].name))
     _emit(scripts, script_dir, ".", submit, dry_run, single_file=False)

@@ -320,7 +320,10 @@ def launcher_line(launcher: str, profile: Profile, command: list[str], cpus_per_
     """The launcher command line (started in the background by the template)."""
     cmd = Q.qjoin_wrapped(command)
     if launcher == "srun":
-        parts = ["srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--distribution=block:block"]
+        # --kill-on-bad-exit=0: after a checkpointed stop every rank exits 75, and killing the
+        # slower ranks when the first one exits would turn srun's status into 143 (no requeue).
+        # A crashed rank still ends the job: the others abort at Horovod's stall shutdown.
+        parts = ["srun", "--mpi=pmix", "--kill-on-bad-exit=0", "--distribution=block:block"]
         if cpus_per_task:
             # Slurm 22.05's srun does not take --cpus-per-task from the allocation
             parts.append('--cpus-per-task="$SLURM_CPUS_PER_TASK"')
@@ -403,8 +406,9 @@ def count_work_units(inputs: list[str], params: dict) -> int:
     return len(plan_units(files, opts))
 
 
-def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool = True) -> tuple[str, str]:
-    """The array script (one slice per task) and the merge script."""
+def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool = True) -> tuple[str, str | None]:
+    """The array script (one slice per task) and the merge script (None for one task, which
+    writes the dataset itself)."""
     args = [str(a) for a in job.preprocess_args]
     params = parse_preprocess_args(args)
     out = _preprocess_out(params, args)
@@ -437,8 +441,10 @@ def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool =
     array_ctx.update(kind="preprocess", tasks=tasks, out=out)
     merge_ctx = _common_context(profile, sbatch_lines(merge_sb, profile), env, merge_cmd)
     merge_ctx.update(kind="merge", tasks=tasks, out=out)
-    return (jinja.get_template("preprocess.sbatch.j2").render(**array_ctx),
-            jinja.get_template("merge.sbatch.j2").render(**merge_ctx))
+    array_text = jinja.get_template("preprocess.sbatch.j2").render(**array_ctx)
+    if tasks == 1:
+        return array_text, None
+    return array_text, jinja.get_template("merge.sbatch.j2").render(**merge_ctx)
 
 
 # --------------------------------------------------------------------------- files, submission

@@ -179,7 +179,12 @@ class SlurmCluster:
         raise TimeoutError(f"{what} not reached after {timeout}s\n{self.logs()}")
 
     def release(self, job_id: str) -> None:
-        """Let a requeued job start now (Slurm holds requeued jobs ~120 s with BeginTime)."""
+        """Let a held job start now (``scontrol update StartTime=now``).
+
+        Do not use it on a job requeued less than ``layout.cred_expire`` seconds ago: its
+        revoked credentials make the step launch fail. The cluster holds requeued jobs only
+        that long (10 s), so waiting for them is cheap.
+        """
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def node_states(self) -> dict[str, str]:

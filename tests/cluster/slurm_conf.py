@@ -25,6 +25,8 @@ class ClusterLayout:
     cpus_per_node: int = 4
     #: memory advertised per virtual node, MiB
     mem_per_node: int = 4096
+    #: seconds a requeued job is held before it may start again (AuthInfo cred_expire)
+    cred_expire: int = 10
     cluster_name: str = "hpcllmtest"
     partition: str = "debug"
     node_prefix: str = "node"
@@ -59,8 +61,12 @@ def render_slurm_conf(lay: ClusterLayout) -> str:
         f"SlurmdUser={_user()}",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        # Our own munged, so a system munged (another key) is never asked.
-        f"AuthInfo=socket={lay.munge_socket}",
+        # Our own munged, so a system munged (another key) is never asked. cred_expire: a
+        # requeued job is held this long (BeginTime) before it may start again, because its
+        # old credentials stay revoked on the nodes until then: starting it earlier (e.g.
+        # `scontrol update StartTime=now` right after the requeue) makes srun's step launch fail
+        # ("Job credential revoked") -- and srun then exits 0. Default 120 s; 10 s for tests.
+        f"AuthInfo=socket={lay.munge_socket},cred_expire={lay.cred_expire}",
         f"StateSaveLocation={r}/state",
         # %n: each virtual node needs its own spool and TmpFS, or the PMIx server
         # directories of two slurmd on one host collide.
@@ -87,8 +93,10 @@ def render_slurm_conf(lay: ClusterLayout) -> str:
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_Core",
         "SchedulerType=sched/backfill",
-        # Schedule promptly: tests wait on dependencies and requeues.
-        "SchedulerParameters=bf_interval=1,sched_min_interval=100000,batch_sched_delay=0",
+        # Schedule promptly: tests wait on dependencies and requeues. sched_interval: a requeued
+        # job whose hold (BeginTime) ends is started by the main scheduler's periodic pass only
+        # (backfill skips cycles when nothing changed), every 60 s by default.
+        "SchedulerParameters=bf_interval=1,sched_interval=1,sched_min_interval=100000,batch_sched_delay=0",
         "ReturnToService=2",
         "SlurmctldTimeout=60",
         "SlurmdTimeout=120",
