@@ -54,6 +54,9 @@ class DeviceProfile:
     heap_retention: float = 0.0
     """Fraction of the memory freed and reallocated each step that the allocator keeps
     (fragmentation); 0 for GPUs, whose caching allocator slack is part of ``overhead_bytes``."""
+    lowp_bytes_per_param: float = 0.0
+    """Resident bytes per matmul parameter that 16-bit autocast adds beyond the 16-bit weight
+    copies (CPU: fp32 conversion buffers of bf16 GEMMs and weight gradients)."""
 
     def flops(self, precision: str) -> float:
         """Peak FLOP/s of the precision the matmuls run in (``bf16``/``fp16``/``fp32``)."""
@@ -104,6 +107,9 @@ CPU_OVERHEAD_BYTES = 84 * 1024**2
 #: Fraction of the per-step churn (activations, gradients, temporaries) glibc's heap keeps
 #: resident as fragmentation on CPUs (calibrated like CPU_OVERHEAD_BYTES).
 CPU_HEAP_RETENTION = 0.3
+#: Resident bytes per matmul parameter that bf16 autocast adds on a CPU beyond the bf16
+#: weight copies (calibrated like CPU_OVERHEAD_BYTES on a CPU without native bf16 GEMMs).
+CPU_LOWP_BYTES_PER_PARAM = 4.0
 
 #: Fraction of the measured large-GEMM rate a whole training step reaches on a CPU
 #: (layer norms, softmax, GELU, AdamW and Python overhead run far below the GEMM rate).
@@ -126,7 +132,8 @@ def cpu_profile(measure: bool = True) -> DeviceProfile:
     return DeviceProfile(
         name="cpu", memory_bytes=mem, peak_flops=peak, devices_per_node=1,
         intra_node_bandwidth=10 * GB, inter_node_bandwidth=10 * GB,
-        overhead_bytes=CPU_OVERHEAD_BYTES, mfu=CPU_MFU, kind="cpu", heap_retention=CPU_HEAP_RETENTION)
+        overhead_bytes=CPU_OVERHEAD_BYTES, mfu=CPU_MFU, kind="cpu", heap_retention=CPU_HEAP_RETENTION,
+        lowp_bytes_per_param=CPU_LOWP_BYTES_PER_PARAM)
 
 
 _GEMM_CACHE: dict = {}

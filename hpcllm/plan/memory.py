@@ -280,6 +280,10 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     # leaves holes in a CPU process's heap; GPU caching allocators are covered by overhead
     churn = inflight * per_mb + grads + max(backward_tmp, optim_tmp) + copies
     slack = int(device.heap_retention * churn)
+    if setup.precision != "fp32":
+        # CPUs: 16-bit matmul weights and weight gradients pass through fp32 conversion
+        # buffers that stay resident (calibrated per device, 0 on GPUs)
+        slack += int(device.lowp_bytes_per_param * mm_params)
     total = max(fwd_bwd, opt_step) + comm + device.overhead_bytes + slack
     return MemoryBreakdown(stage=stage, layers=layers, params_count=n, params=weights, grads=grads,
                            optimizer=optimizer, weight_copies=copies, activations=activations,
