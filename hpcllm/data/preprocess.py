@@ -772,6 +772,8 @@ def merge_parts(out: str, overwrite: bool = False, progress: bool | None = None,
         return packer.done_manifest
     dtype = np.dtype(config["dtype"])
     after = tuple(packer.last_key) if packer.last_key else None
+    if after is not None:
+        log(f"merge: resuming after task {after[0]} batch {after[1]}")
     prog = Progress(sum(s["tokens"] for s in states) * dtype.itemsize, "merge", progress, log_every)
     ok = False
     try:

@@ -177,7 +177,7 @@ def test_kill_9_then_resume_is_byte_identical(big_corpus, reference, tmp_path):
     assert r.returncode == 2 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_two_task_array_plus_merge_equals_one_task(big_corpus, reference, tmp_path):
+def test_two_task_array_plus_merge_equals_one_task(big_corpus, reference, tmp_path, capsys):
     out = tmp_path / "ds"
     # the second task from Slurm's job-array variables, the first from flags
     env = {"SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0"}
@@ -209,7 +209,28 @@ def test_two_task_array_plus_merge_equals_one_task(big_corpus, reference, tmp_pa
     part0 = json.loads((out / "parts" / "task-00000-of-00002" / "state.json").read_text())
     assert part0["done"] and part0["docs"] > 1000 and part1["documents"] > 1000
     assert not (out / "manifest.json").exists()
-    merge_parts(str(out))
+    # merge crashes after a few committed batches (injected), then a rerun resumes it
+    from hpcllm.data import preprocess as pp
+
+    commits = {"n": 0}
+    real_commit = pp.Packer.commit
+
+    def crashing_commit(self, key):
+        real_commit(self, key)
+        commits["n"] += 1
+        if commits["n"] == 5:
+            raise OSError("injected crash")
+
+    pp.Packer.commit = crashing_commit
+    try:
+        with pytest.raises(OSError, match="injected"):
+            merge_parts(str(out), batch_docs=500)
+    finally:
+        pp.Packer.commit = real_commit
+    assert not (out / "manifest.json").exists() and (out / "parts").exists()
+    capsys.readouterr()
+    merge_parts(str(out), batch_docs=500)
+    assert "merge: resuming after task 0 batch 4" in capsys.readouterr().err
     assert dataset_digest(out) == reference
     assert not (out / "parts").exists()
 
