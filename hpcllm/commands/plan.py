@@ -51,7 +51,7 @@ def _num(what):
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--emit-slurm", "emit_slurm", type=click.Path(), default=None, metavar="FILE",
               help="Write the recommended layout's `hpcllm slurm train` batch script to FILE ('-': stdout).")
-@click.option("--slurm-profile", default=None, help="Cluster profile for --emit-slurm [default: gpu4 or cpu].")
+@click.option("--slurm-profile", default=None, help="Cluster profile (slurm/profiles) for --emit-slurm [default: default, or cpu for --device cpu].")
 @click.option("--out", default="runs/planned", show_default=True, help="Run directory in the emitted command.")
 def plan(as_json, emit_slurm, **kw):
     """How big a model for a budget, how many tokens, will it fit, how to split it.

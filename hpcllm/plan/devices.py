@@ -139,8 +139,12 @@ def cpu_profile(measure: bool = True) -> DeviceProfile:
 _GEMM_CACHE: dict = {}
 
 
-def measure_gemm_flops(n: int = 1024, seconds: float = 0.3) -> dict:
-    """FLOP/s of an n x n matmul on this CPU in fp32 and bf16 (best of repeated runs)."""
+def measure_gemm_flops(seconds: float = 0.2) -> dict:
+    """FLOP/s of a square matmul on this CPU in fp32 and bf16 (best of repeated runs).
+
+    The size grows from 256 until one product takes ~10 ms (CPUs without native bf16 run
+    bf16 matmuls ~50x slower than fp32, so a fixed large size would take seconds).
+    """
     if _GEMM_CACHE:
         return dict(_GEMM_CACHE)
     import time
@@ -149,9 +153,15 @@ def measure_gemm_flops(n: int = 1024, seconds: float = 0.3) -> dict:
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        a @ b  # warm-up: thread pool, kernel selection
+        n = 256
+        while True:
+            a = torch.randn(n, n).to(dtype)
+            b = torch.randn(n, n).to(dtype)
+            t0 = time.perf_counter()
+            a @ b  # also the warm-up: thread pool, kernel selection
+            if time.perf_counter() - t0 > 0.01 or n >= 2048:
+                break
+            n *= 2
         best = float("inf")
         t_end = time.perf_counter() + seconds
         while True:

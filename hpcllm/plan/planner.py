@@ -54,7 +54,7 @@ class PlanRequest:
     recompute: bool | None = None
     top: int = 8
     slurm_profile: str | None = None
-    """Cluster profile for --emit-slurm [default: gpu4 for GPUs, cpu for CPUs]."""
+    """Cluster profile for --emit-slurm [default: "default" for GPUs, "cpu" for CPUs]."""
     out: str = "runs/planned"
 
 
@@ -208,7 +208,7 @@ def make_plan(req: PlanRequest) -> dict:
     steps = math.ceil(d_preset / (gb * cfg.seq_len))
     slurm = None
     if best is not None:
-        profile = req.slurm_profile or ("cpu" if device.kind == "cpu" else "gpu4")
+        profile = req.slurm_profile or ("cpu" if device.kind == "cpu" else "default")
         slurm = slurm_train_args(best, cluster, name, cfg.seq_len, req.precision, steps,
                                  req.data or "DATA_DIR", req.out, profile)
     hours = steps * best.time.total / 3600.0 if best else None
