@@ -167,20 +167,62 @@ def train(cfg: TrainConfig) -> int:
                 raise HpcllmError("--pipeline-stages > 1: pipeline parallelism is not available in this build") from None
             raise
         return train_pipeline(cfg)
-    if not cfg.data.path:
-        raise HpcllmError("--data is required (a dataset directory from `hpcllm preprocess`)")
-    if not cfg.out:
-        raise HpcllmError("--out is required (the run directory)")
+    plan = prepare(cfg)
+    if plan.start_step >= cfg.steps:
+        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            print(f"[hpcllm] checkpoint {plan.resume_dir} is at step {plan.start_step} >= --steps {cfg.steps}: "
+                  "nothing to do", flush=True)
+        return exitcodes.OK
 
     from hpcllm.parallel.data_parallel import abort_on_exception, init_data_parallel
 
     dp = init_data_parallel(cfg.parallel)
     with abort_on_exception(dp):
-        return _train(cfg, dp)
+        return _train(cfg, dp, plan)
 
 
-def _train(cfg: TrainConfig, dp) -> int:
-    from hpcllm.data.loader import BatchLoader, DatasetInfo, EvalBatches
+@dataclass
+class Plan:
+    """What a run is, decided from files alone before MPI/Horovod start (so bad input fails
+    fast, on every rank alike, with one line)."""
+
+    info: object               # DatasetInfo
+    gpt_cfg: object            # GPTConfig
+    resume_dir: Path | None
+    trainer_state: dict | None
+    start_step: int
+
+
+def prepare(cfg: TrainConfig) -> Plan:
+    """Check the dataset, the model and the checkpoint to resume against each other."""
+    from hpcllm.data.loader import DatasetInfo
+
+    if not cfg.data.path:
+        raise HpcllmError("--data is required (a dataset directory from `hpcllm preprocess`)")
+    if not cfg.out:
+        raise HpcllmError("--out is required (the run directory)")
+    if not Path(cfg.data.path).is_dir():
+        raise HpcllmError(f"--data {cfg.data.path}: no such dataset directory")
+    info = DatasetInfo(cfg.data.path)
+    gpt_cfg = resolve_model(cfg.model, info.vocab_size)
+    info.check_vocab(gpt_cfg.vocab_size)
+    windows = info.windows("train", gpt_cfg.seq_len)
+    if windows == 0:
+        raise HpcllmError(f"{cfg.data.path}: the train split has {info.train_tokens} tokens, fewer than one window "
+                          f"of seq_len+1 = {gpt_cfg.seq_len + 1} (lower --seq-len)")
+    if cfg.logging.eval_every > 0 and info.windows("val", gpt_cfg.seq_len) == 0:
+        raise HpcllmError(f"{cfg.data.path}: the val split has {info.val_tokens} tokens, fewer than one window of "
+                          f"seq_len+1 = {gpt_cfg.seq_len + 1}; use --eval-every 0 or more validation data")
+    resume_dir = ckpt.resolve_resume(Path(cfg.out), cfg.checkpoint.resume)
+    tstate = None
+    if resume_dir is not None:
+        tstate = ckpt.load_json(resume_dir / "trainer.json")
+        check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
+    return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0)
+
+
+def _train(cfg: TrainConfig, dp, plan: Plan) -> int:
+    from hpcllm.data.loader import BatchLoader, EvalBatches
     from hpcllm.model.gpt import GPT, flops_per_token, param_count
 
     run_dir = Path(cfg.out)
@@ -188,26 +230,10 @@ def _train(cfg: TrainConfig, dp) -> int:
     restarts = os.environ.get("SLURM_RESTART_COUNT")
     log(dp, f"{dp.describe()}; {torch.get_num_threads()} threads per rank"
         + (f"; SLURM_RESTART_COUNT={restarts}" if restarts else ""))
-
-    # ---- dataset and model, checked against each other before anything runs
-    if not Path(d.path).is_dir():
-        raise HpcllmError(f"--data {d.path}: no such dataset directory")
-    info = DatasetInfo(d.path)
-    gpt_cfg = resolve_model(cfg.model, info.vocab_size)
-    info.check_vocab(gpt_cfg.vocab_size)
+    info, gpt_cfg, resume_dir, tstate, start_step = (plan.info, plan.gpt_cfg, plan.resume_dir,
+                                                     plan.trainer_state, plan.start_step)
     device = setup_device(cfg.parallel, dp)
     precision = resolve_precision(cfg.precision.precision, device)
-
-    resume_dir = ckpt.resolve_resume(run_dir, c.resume)
-    tstate, saved_config = None, None
-    if resume_dir is not None:
-        tstate = ckpt.load_json(resume_dir / "trainer.json")
-        saved_config = ckpt.load_json(resume_dir / "config.json")
-        check_resume_compat(resume_dir, tstate, saved_config, gpt_cfg, info)
-    start_step = int(tstate["step"]) if tstate else 0
-    if start_step >= cfg.steps:
-        log(dp, f"checkpoint {resume_dir} is at step {start_step} >= --steps {cfg.steps}: nothing to do")
-        return exitcodes.OK
 
     loader = BatchLoader(d.path, split="train", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
                          accum=d.accum, dp_rank=dp.rank, dp_size=dp.size, seed=cfg.seed,

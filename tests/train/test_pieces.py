@@ -2,9 +2,6 @@
 config precedence, and the errors users see before the first step."""
 import json
 import math
-import subprocess
-import sys
-
 import click
 import pytest
 import torch
@@ -150,33 +147,42 @@ def test_click_options_are_generated_and_roundtrip():
     assert cfg.data.path == "d" and cfg.parallel.schedule == "gpipe" and cfg.parallel.hierarchical_allreduce is False
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "hpcllm", "train", *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+def _cli(capsys, *args):
+    """`hpcllm train ARGS` in process: these all fail in the checks before MPI/Horovod start."""
+    from hpcllm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args])
+    err = capsys.readouterr().err
+    return e.value.code, err
 
 
-def test_bad_input_is_one_line_exit_2(dataset, tmp_path):
-    r = _cli("--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
-    assert "missing" in r.stderr
-    r = _cli("--data", str(dataset), "--out", str(tmp_path / "o"), "--model", "nope")
-    assert r.returncode == 2 and "unknown preset" in r.stderr
-    r = _cli("--data", str(dataset), "--out", str(tmp_path / "o"), "--seq-len", "100000", "--steps", "1")
-    assert r.returncode == 2 and "fewer than one window" in r.stderr, r.stderr
+def test_bad_input_is_one_line_exit_2(dataset, tmp_path, capsys):
+    code, err = _cli(capsys, "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err and "missing" in err, err
+    code, err = _cli(capsys, "--data", str(dataset), "--out", str(tmp_path / "o"), "--model", "nope")
+    assert code == 2 and "unknown preset" in err
+    code, err = _cli(capsys, "--data", str(dataset), "--out", str(tmp_path / "o"), "--seq-len", "100000")
+    assert code == 2 and "fewer than one window" in err, err
+    code, err = _cli(capsys, "--data", str(dataset), "--out", str(tmp_path / "o"), "--n-head", "5")
+    assert code == 2 and "not divisible" in err, err
+    code, err = _cli(capsys, "--data", str(dataset))
+    assert code == 2 and "--out is required" in err, err
+    assert not (tmp_path / "o").exists()
 
 
-def test_resume_refuses_another_tokenizer_or_shape_before_step_1(dataset, tmp_path):
+def test_resume_refuses_another_tokenizer_or_shape_before_step_1(dataset, tmp_path, capsys):
     out = tmp_path / "run"
     base = [*TINY, "--data", str(dataset), "--out", str(out), "--micro-batch", "2"]
     run_train(base + ["--steps", "2"])
-    r = run_train(base + ["--steps", "4", "--resume", "auto", "--d-model", "64"], check=False)
-    assert r.returncode == 2 and "d_model 32 -> 64" in r.stderr, r.stderr
+    code, err = _cli(capsys, *base, "--steps", "4", "--resume", "auto", "--d-model", "64")
+    assert code == 2 and "d_model 32 -> 64" in err, err
     trainer = out / "checkpoints" / "step-00000002" / "trainer.json"
     t = json.loads(trainer.read_text())
     t["tokenizer_sha256"] = "0" * 64
     trainer.write_text(json.dumps(t))
-    r = run_train(base + ["--steps", "4", "--resume", "auto"], check=False)
-    assert r.returncode == 2 and "different tokenizer" in r.stderr, r.stderr
+    code, err = _cli(capsys, *base, "--steps", "4", "--resume", "auto")
+    assert code == 2 and "different tokenizer" in err, err
     assert max(losses(out)) == 2  # no step ran
 
 
