@@ -54,6 +54,12 @@ def _worker(spec: dict) -> dict:
     # the inputs of every micro-batch exist before the model (the loader's batch)
     ids = [torch.randint(0, cfg.vocab_size, (b, s), generator=g) for _ in range(M)]
     out_grad = None if last else torch.randn(b, s, cfg.d_model, generator=g) * 1e-3
+    gemm = None
+    if spec.get("gemm"):
+        # the CPU profile's peak, measured in this process under the same conditions
+        from hpcllm.plan.devices import measure_gemm_flops
+
+        gemm = measure_gemm_flops()
     base = _rss_bytes()
 
     whole = stages == 1
@@ -95,19 +101,21 @@ def _worker(spec: dict) -> dict:
     best = min(times[1:]) if len(times) > 1 else times[0]
     return {"baseline_rss": base, "peak_rss": _peak_rss_bytes(), "peak_delta": _peak_rss_bytes() - base,
             "step_times": times, "tokens_per_step": tokens, "tokens_per_s": tokens / best,
-            "threads": torch.get_num_threads(),
+            "threads": torch.get_num_threads(), "gemm_flops": gemm,
             "params": sum(p.numel() for p in model.parameters())}
 
 
 def measure(cfg, micro_batch: int, precision: str = "fp32", pipeline_stages: int = 1, stage: int = 0,
             layers: tuple[int, int] | None = None, microbatches: int = 1, schedule: str = "1f1b",
-            steps: int = 3, threads: int | None = None, timeout: float = 300) -> dict:
+            steps: int = 3, threads: int | None = None, timeout: float = 300, gemm: bool = False) -> dict:
     """Run a real training step configuration in a fresh process and return its peak memory
-    growth (``peak_delta``, bytes) and throughput (``tokens_per_s``, best step after the first)."""
+    growth (``peak_delta``, bytes) and throughput (``tokens_per_s``, best step after the first).
+    With ``gemm``, also the matmul rate of the CPU profile (``gemm_flops``), measured in that
+    process just before the model is built."""
     spec = {"model": {k: v for k, v in asdict(cfg).items()}, "micro_batch": micro_batch,
             "precision": precision, "pipeline_stages": pipeline_stages, "stage": stage,
             "layers": list(layers) if layers else [0, cfg.n_layer], "microbatches": microbatches,
-            "schedule": schedule, "steps": steps, "threads": threads}
+            "schedule": schedule, "steps": steps, "threads": threads, "gemm": gemm}
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -1,0 +1,66 @@
+"""Layout search: communication and bubble terms, constraints, the recommendation."""
+import pytest
+
+from hpcllm.model.gpt import PRESETS
+from hpcllm.plan.devices import GB, get_profile
+from hpcllm.plan.layout import Cluster, allreduce_time, evaluate, ring_allreduce_time, search
+from hpcllm.plan.memory import Setup, Shape
+
+H100 = get_profile("h100")
+SHAPE = Shape.from_config(PRESETS["1.3B"])
+
+
+def test_ring_allreduce_moves_2_n_minus_1_over_n_of_the_bytes():
+    assert ring_allreduce_time(1e9, 1, 100e9) == 0
+    assert ring_allreduce_time(1e9, 2, 100e9) == pytest.approx(1e9 / 100e9)
+    assert ring_allreduce_time(1e9, 8, 100e9) == pytest.approx(2 * 7 / 8 * 1e9 / 100e9)
+
+
+def test_hierarchical_allreduce_inside_then_across_nodes():
+    one_node = Cluster(nodes=1, devices_per_node=8, device=H100)
+    four = Cluster(nodes=4, devices_per_node=8, device=H100)
+    B = 4e9
+    assert allreduce_time(B, one_node, 1, 8) == pytest.approx(ring_allreduce_time(B, 8, 450 * GB))
+    # 8 replicas per node, then 4 nodes whose network carries the (one) stage's gradients
+    assert allreduce_time(B, four, 1, 32) == pytest.approx(ring_allreduce_time(B, 8, 450 * GB)
+                                                            + ring_allreduce_time(B, 4, 400 * GB))
+    # 2 stages per replica: 4 replicas of each stage per node, both stages cross the network
+    assert allreduce_time(B, four, 2, 16) == pytest.approx(ring_allreduce_time(B, 4, 450 * GB)
+                                                           + ring_allreduce_time(2 * B, 4, 400 * GB))
+
+
+def test_pipeline_bubble_is_p_minus_1_micro_batch_slots():
+    cl = Cluster(nodes=1, devices_per_node=4, device=H100)
+    L = evaluate(SHAPE, Setup(micro_batch=2, pipeline_stages=4, data_parallel=1, microbatches=12), cl)
+    assert L.time.bubble / L.time.compute == pytest.approx(3 / 12)
+    assert L.time.bubble / (L.time.compute + L.time.bubble) == pytest.approx(3 / (12 + 4 - 1))
+
+
+def test_compute_time_is_flops_over_peak_times_mfu():
+    cl = Cluster(nodes=1, devices_per_node=1, device=H100)
+    L = evaluate(SHAPE, Setup(micro_batch=4, microbatches=2), cl, mfu=0.5)
+    tokens = 4 * 2 * SHAPE.seq_len
+    assert L.time.compute == pytest.approx(tokens * SHAPE.flops_per_token / (989e12 * 0.5))
+    assert L.mfu == pytest.approx(0.5)  # nothing else on one device without a pipeline
+
+
+def test_search_respects_batch_and_node_boundaries_and_recommends_the_fastest_fit():
+    cl = Cluster(nodes=2, devices_per_node=4, device=get_profile("a100-40gb"))
+    layouts = search(SHAPE, cl, global_batch=64)
+    assert layouts
+    for L in layouts:
+        assert L.pipeline_stages * L.data_parallel == 8
+        assert L.global_batch == 64
+        assert 4 % L.pipeline_stages == 0 or L.pipeline_stages % 4 == 0
+    fits = [L for L in layouts if L.fits]
+    assert fits and layouts[0] is fits[0]
+    assert layouts[0].tokens_per_s == max(L.tokens_per_s for L in fits)
+    assert all(not L.fits for L in layouts[len(fits):])
+
+
+def test_a_model_too_big_for_one_device_needs_pipeline_stages():
+    big = Shape.from_config(PRESETS["6.7B"])  # ~120 GB of fp32 weights, gradients and AdamW
+    cl = Cluster(nodes=1, devices_per_node=8, device=get_profile("a100-80gb"))
+    layouts = search(big, cl, global_batch=64)
+    assert not any(L.fits for L in layouts if L.pipeline_stages == 1)
+    assert layouts[0].fits and layouts[0].pipeline_stages >= 2
