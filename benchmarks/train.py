@@ -43,13 +43,20 @@ SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 HVD_SETTINGS = {
     "default": ({}, False),
     "default+inplace": ({}, True),
-    "cycle0.1+inplace": ({"HOROVOD_CYCLE_TIME": "0.1"}, True),
     "cycle0.1": ({"HOROVOD_CYCLE_TIME": "0.1"}, False),
+    "cycle0.1+inplace": ({"HOROVOD_CYCLE_TIME": "0.1"}, True),
     "cycle0.1+fusion64M+inplace": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(64 << 20)}, True),
     "cycle0.1+fusion16M+inplace": ({"HOROVOD_CYCLE_TIME": "0.1", "HOROVOD_FUSION_THRESHOLD": str(16 << 20)}, True),
     "cycle0.5+inplace": ({"HOROVOD_CYCLE_TIME": "0.5"}, True),
     "cycle0.02+inplace": ({"HOROVOD_CYCLE_TIME": "0.02"}, True),
+    # + waiting by polling the handle every 20 us from Python instead of hvd.synchronize()'s
+    # 1 ms sleep loop (what hpcllm's DataParallel.synchronize does)
+    "default+inplace+poll": ({}, True, 20),
+    "cycle0.1+inplace+poll": ({"HOROVOD_CYCLE_TIME": "0.1"}, True, 20),
+    "cycle0.5+inplace+poll": ({"HOROVOD_CYCLE_TIME": "0.5"}, True, 20),
 }
+DEFAULT_SETTINGS = ["default", "default+inplace", "cycle0.1+inplace", "default+inplace+poll",
+                    "cycle0.1+inplace+poll", "cycle0.5+inplace+poll"]
 
 
 def fmt_size(n: int) -> str:
@@ -299,8 +306,10 @@ def run_allreduce(quick: bool, settings: list[str], repeats: int) -> dict:
                         cmd += ["--poll-us", str(poll[0])]
                 if quick:
                     cmd.append("--quick")
+                load0 = os.getloadavg()[0]
                 _mpirun(2, cmd, env={"OMP_NUM_THREADS": "1", **env}, timeout=300)
                 results[name].append(json.loads(out.read_text()))
+                results[name][-1]["load_avg_1m"] = [load0, os.getloadavg()[0]]
                 print(f"  allreduce {name:<40} rep {rep}: 16 MiB "
                       f"{results[name][-1]['sizes'][str(16 << 20)]['busbw_GBps']:.2f} GB/s, "
                       f"64 KiB {results[name][-1]['sizes'][str(64 << 10)]['time_s'] * 1e3:.3f} ms", flush=True)
@@ -554,7 +563,8 @@ def main(argv=None) -> int:
     p.add_argument("--poll-us", type=float, default=0.0, help=argparse.SUPPRESS)  # worker: comma list of byte sizes (exploration)
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, noisy numbers)")
     p.add_argument("--parts", default="step,dp,allreduce", help="comma list of step, dp, allreduce")
-    p.add_argument("--settings", default=",".join(HVD_SETTINGS), help="Horovod settings to compare (allreduce part)")
+    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
+                   help=f"Horovod settings to compare (allreduce part), from: {', '.join(HVD_SETTINGS)}")
     p.add_argument("--repeats", type=int, default=2, help="launches per allreduce setting")
     p.add_argument("--out", default=str(RESULTS), help="JSON results path")
     p.add_argument("--step-repeats", type=int, default=2, help="interleaved repeats of the step part")

@@ -197,3 +197,18 @@ def test_generate_from_a_real_training_run(dataset, tmp_path, capsys):
     if 256 in new:
         new = new[:new.index(256)]
     assert out.rstrip("\n") == "The cluster " + ByteTokenizer().decode(new)
+
+
+def test_generate_runs_without_mpi(byte_run):
+    """generate is a plain process: neither mpi4py nor Horovod gets imported (no MPI init,
+    works on a login node or a laptop)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hpcllm.cli import main; main(['generate', sys.argv[1], '--prompt', 'a', "
+            "'--max-new-tokens', '2']); print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('mpi4py', 'horovod')))")
+    r = subprocess.run([sys.executable, "-c", code, str(byte_run)], capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
