@@ -174,12 +174,13 @@ def make_plan(req: PlanRequest) -> dict:
     name = req.model or nearest_preset(opt.params, presets)
     cfg = presets[name]
     n_preset = float(param_count(cfg))
-    if compute is not None:
-        d_preset = compute / (6.0 * n_preset)  # spend the same compute on the preset
-    elif tokens is not None and params is None:
+    # the preset trains on its own compute-optimal tokens (with --tokens: those tokens);
+    # what the whole budget would buy is reported beside it
+    if tokens is not None and params is None:
         d_preset = tokens
     else:
         d_preset = scaling.optimal_tokens_for_params(n_preset, req.method, req.tokens_per_param)
+    budget_tokens = compute / (6.0 * n_preset) if compute is not None else None
     preset_point = scaling.point(n_preset, d_preset, req.method)
     shape = Shape.from_config(cfg)
 
@@ -219,7 +220,7 @@ def make_plan(req: PlanRequest) -> dict:
         "methods": both,
         "tokens_per_param": req.tokens_per_param,
         "preset": {"name": name, "config": cfg.to_dict(), **preset_point.to_dict(),
-                   "optimal_tokens": scaling.optimal_tokens_for_params(n_preset, req.method, req.tokens_per_param)},
+                   "budget_tokens": budget_tokens},
         "data": data_check,
         "device": {**asdict(device), "capacity_bytes": cluster.capacity()},
         "cluster": {"nodes": cluster.nodes, "devices_per_node": g, "world": cluster.world},

@@ -72,10 +72,10 @@ def format_plan(p: dict) -> str:
     pr = p["preset"]
     c = pr["config"]
     out.append("")
+    budget = f"; the whole budget would train it on {si(pr['budget_tokens'])}" if pr["budget_tokens"] else ""
     out.append(f"model: preset {pr['name']} ({c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
-               f"seq {c['seq_len']}, vocab {c['vocab_size']}): {si(pr['params'])} params, "
-               f"train on {si(pr['tokens'])} tokens ({pr['compute']:.3g} FLOPs, predicted loss {pr['loss']:.3f}; "
-               f"compute-optimal {si(pr['optimal_tokens'])})")
+               f"seq {c['seq_len']}, vocab {c['vocab_size']}): {si(pr['params'])} params on {si(pr['tokens'])} "
+               f"tokens ({pr['compute']:.3g} FLOPs, predicted loss {pr['loss']:.3f}{budget})")
     d = p["data"]
     if d:
         verdict = "enough" if d["enough"] else f"SHORT: {d['epochs']:.2f} epochs over it"
