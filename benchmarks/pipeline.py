@@ -20,8 +20,9 @@ last), 2 ranks x 1 thread.  For each M in 2, 4, 8, 16 (micro-batch 16/M):
   extra step), showing 1F1B's bound of P - s micro-batches in flight; **RSS MiB**: peak
   resident memory of each stage's process (whole run, torch baseline included).
 
-All three run inside one ``mpirun -np 2`` job, interleaved per M (1 proc on rank 0 while
-rank 1 sleeps), so they see the same machine.
+All three run inside one ``mpirun -np 2`` job and are stepped round-robin (1 proc on rank 0
+while rank 1 sleeps), so they see the same machine; tokens/s come from each one's fastest
+step (the least disturbed on a shared machine), medians are in the JSON too.
 
 Goals: hpcllm >= 0.95 of the ideal at M >= 8, and faster than torch.distributed.pipelining
 at every M.  Prints a table, writes benchmarks/results/pipeline.json.
@@ -100,71 +101,137 @@ class SavedBytes:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.t)
 
 
-# =========================================================================== one process
+# =========================================================================== the three systems
+# Each is built once per M and stepped round-robin with the others (one step each in turn),
+# so all three sample the same machine conditions; the table uses the fastest step of each
+# (the least disturbed by other load on a shared machine) and also records the medians.
 
 
-def single_process(M: int, steps: int, warmup: int) -> dict:
-    import torch
+class Single:
+    """The whole model in one process (rank 0; the other rank sleeps meanwhile)."""
 
-    from hpcllm.model.gpt import GPT
+    def __init__(self, comm, M: int):
+        import torch
 
-    torch.set_num_threads(1)
-    mb = GLOBAL // M
-    model = GPT(gpt_cfg())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for step in range(warmup + steps):
-        data = batches(M, step, mb)
-        t = time.perf_counter()
-        for x, y in data:
-            (model(x, y) / M).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - t)
-    step_s = statistics.median(times)
-    return {"M": M, "step_s": step_s, "tokens_per_s": GLOBAL * SHAPE["seq_len"] / step_s}
+        from hpcllm.model.gpt import GPT
+
+        self.comm, self.M, self.mb = comm, M, GLOBAL // M
+        self.active = comm.Get_rank() == 0
+        if self.active:
+            self.model = GPT(gpt_cfg())
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def step(self, step: int) -> float:
+        el = 0.0
+        if self.active:
+            data = batches(self.M, step, self.mb)
+            t = time.perf_counter()
+            for x, y in data:
+                (self.model(x, y) / self.M).backward()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            el = time.perf_counter() - t
+        idle_barrier(self.comm)
+        return self.comm.bcast(el, root=0)
 
 
-# =========================================================================== workers (under mpirun)
+class Hpcllm:
+    """hpcllm's PipelineStage + PipelineEngine (1F1B), tied embeddings, AdamW."""
 
+    def __init__(self, comm, M: int):
+        import torch
 
-def hpcllm_worker(comm, M: int, steps: int, warmup: int) -> dict:
-    import torch
+        from hpcllm.parallel.pipeline.engine import PipelineEngine
+        from hpcllm.parallel.pipeline.partition import Partition
+        from hpcllm.parallel.pipeline.stage import PipelineStage
+        from hpcllm.parallel.pipeline.trainer import make_layout
 
-    from hpcllm.parallel.pipeline.engine import PipelineEngine
-    from hpcllm.parallel.pipeline.partition import Partition
-    from hpcllm.parallel.pipeline.stage import PipelineStage
-    from hpcllm.parallel.pipeline.trainer import make_layout, sum_tied_grad
+        self.comm, self.M, self.mb = comm, M, GLOBAL // M
+        self.layout = make_layout(comm, P)
+        cfg = gpt_cfg()
+        self.stage = PipelineStage(cfg, Partition.from_counts([2, 2]), self.layout.stage, seed=0)
+        self.opt = torch.optim.AdamW(self.stage.parameters(), lr=1e-4)
+        self.eng = PipelineEngine(self.stage, self.layout.pipe, self.layout.stage, P, "1f1b", M,
+                                  (self.mb, cfg.seq_len, cfg.d_model), torch.float32)
+        self.bubbles = []
+        self.act_peak = 0
 
-    layout = make_layout(comm, P)
-    cfg = gpt_cfg()
-    mb = GLOBAL // M
-    stage = PipelineStage(cfg, Partition.from_counts([2, 2]), layout.stage, seed=0)
-    opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
-    eng = PipelineEngine(stage, layout.pipe, layout.stage, P, "1f1b", M, (mb, cfg.seq_len, cfg.d_model),
-                         torch.float32)
-    times, bubbles = [], []
-    for step in range(warmup + steps + 1):
-        data = batches(M, step, mb) if (layout.first or layout.last) else None
-        saved = SavedBytes() if step == warmup + steps else None
-        comm.Barrier()
+    def step(self, step: int, measure_memory: bool = False) -> float:
+        from hpcllm.parallel.pipeline.trainer import sum_tied_grad
+
+        lay = self.layout
+        data = batches(self.M, step, self.mb) if (lay.first or lay.last) else None
+        saved = SavedBytes() if measure_memory else None
+        self.comm.Barrier()
         t = time.perf_counter()
         with (saved.hooks() if saved else contextlib.nullcontext()):
-            eng.step(data)
-        sum_tied_grad(layout, stage)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            self.eng.step(data)
+        sum_tied_grad(lay, self.stage)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         el = time.perf_counter() - t
         if saved is not None:
-            act_peak = saved.peak
-        elif step >= warmup:
-            times.append(el)
-            bubbles.append(eng.stats.wait_s / eng.stats.step_s)
-    # the step time of the pipeline is the slowest stage's
-    step_s = comm.allreduce(statistics.median(times), op=_mpi().MAX)
-    return {"M": M, "stage": layout.stage, "step_s": step_s, "bubble": statistics.median(bubbles),
-            "act_peak_mib": act_peak / 2 ** 20, "peak_live": eng.stats.peak_live}
+            self.act_peak = saved.peak
+        else:
+            self.bubbles.append(self.eng.stats.wait_s / self.eng.stats.step_s)
+        return self.comm.allreduce(el, op=_mpi().MAX)  # the pipeline's step is its slowest stage's
+
+
+class TorchPipelining:
+    """The same split with torch.distributed.pipelining Schedule1F1B over gloo (untied head:
+    it needs each parameter on one stage)."""
+
+    def __init__(self, comm, M: int):
+        import torch
+        from torch.distributed.pipelining import PipelineStage as TorchStage
+        from torch.distributed.pipelining import Schedule1F1B
+
+        from hpcllm.model.gpt import GPT, lm_loss
+
+        self.comm, self.M, self.mb = comm, M, GLOBAL // M
+        self.rank = comm.Get_rank()
+        cfg = gpt_cfg()
+
+        class First(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.g = GPT(cfg, layers=range(0, 2), embed=True, head=False)
+
+            def forward(self, x):
+                return self.g(x)
+
+        class Last(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.g = GPT(cfg, layers=range(2, 4), embed=False, head=False)
+                self.ln_f = torch.nn.LayerNorm(cfg.d_model)
+                self.head = torch.nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
+
+            def forward(self, h):
+                return self.head(self.ln_f(self.g(h)))
+
+        self.mod = First() if self.rank == 0 else Last()
+        self.opt = torch.optim.AdamW(self.mod.parameters(), lr=1e-4)
+        stage = TorchStage(self.mod, self.rank, P, torch.device("cpu"))
+        self.sched = Schedule1F1B(stage, M, loss_fn=lambda out, y: lm_loss(out, y))
+
+    def step(self, step: int) -> float:
+        import torch
+        import torch.distributed as dist
+
+        data = batches(self.M, step, self.mb)
+        x = torch.cat([d[0] for d in data])
+        y = torch.cat([d[1] for d in data])
+        dist.barrier()
+        t = time.perf_counter()
+        if self.rank == 0:
+            self.sched.step(x)
+        else:
+            self.sched.step(target=y, losses=[])
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        el = time.perf_counter() - t
+        return self.comm.allreduce(el, op=_mpi().MAX)
 
 
 def _mpi():
@@ -173,67 +240,12 @@ def _mpi():
     return MPI
 
 
-def torch_worker(comm, M: int, steps: int, warmup: int) -> dict:
-    """The same split with torch.distributed.pipelining (untied head: it needs modules whose
-    parameters live on one stage)."""
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.pipelining import PipelineStage as TorchStage
-    from torch.distributed.pipelining import Schedule1F1B
-
-    from hpcllm.model.gpt import GPT, lm_loss
-
-    rank = comm.Get_rank()
-    cfg = gpt_cfg()
-    mb = GLOBAL // M
-
-    class First(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.g = GPT(cfg, layers=range(0, 2), embed=True, head=False)
-
-        def forward(self, x):
-            return self.g(x)
-
-    class Last(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.g = GPT(cfg, layers=range(2, 4), embed=False, head=False)
-            self.ln_f = torch.nn.LayerNorm(cfg.d_model)
-            self.head = torch.nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
-
-        def forward(self, h):
-            return self.head(self.ln_f(self.g(h)))
-
-    mod = First() if rank == 0 else Last()
-    opt = torch.optim.AdamW(mod.parameters(), lr=1e-4)
-    stage = TorchStage(mod, rank, P, torch.device("cpu"))
-    sched = Schedule1F1B(stage, M, loss_fn=lambda out, y: lm_loss(out, y))
-    times = []
-    for step in range(warmup + steps):
-        data = batches(M, step, mb)
-        x = torch.cat([d[0] for d in data])
-        y = torch.cat([d[1] for d in data])
-        dist.barrier()
-        t = time.perf_counter()
-        if rank == 0:
-            sched.step(x)
-        else:
-            sched.step(target=y, losses=[])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - t)
-    step_s = comm.allreduce(statistics.median(times), op=_mpi().MAX)
-    return {"M": M, "stage": rank, "step_s": step_s}
-
-
 def idle_barrier(comm) -> None:
     """A barrier that sleeps instead of spinning (MPI's own barrier busy-polls a core, which
     would slow the single-process measurement running on the other rank)."""
     req = comm.Ibarrier()
     while not req.Test():
-        time.sleep(0.01)
+        time.sleep(0.002)
 
 
 def worker(args) -> None:
@@ -244,20 +256,28 @@ def worker(args) -> None:
 
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
-    out = {"hpcllm": [], "torch": [], "single": []}
+    out = {"rows": []}
     if not args.no_torch:
         import torch.distributed as dist
 
         dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(),
                                 init_method=f"tcp://127.0.0.1:{args.port}")
-    # interleaved per M, so the three see the same machine (a shared machine's load drifts)
     for M in args.microbatches:
-        if comm.Get_rank() == 0:  # the 1-process baseline, while the other rank sleeps
-            out["single"].append(single_process(M, args.steps, args.warmup))
-        idle_barrier(comm)
-        out["hpcllm"].append(hpcllm_worker(comm, M, args.steps, args.warmup))
+        systems = {"single": Single(comm, M), "hpcllm": Hpcllm(comm, M)}
         if not args.no_torch:
-            out["torch"].append(torch_worker(comm, M, args.steps, args.warmup))
+            systems["torch"] = TorchPipelining(comm, M)
+        times = {k: [] for k in systems}
+        for step in range(args.warmup + args.steps):
+            for name, sysm in systems.items():
+                el = sysm.step(step)
+                if step >= args.warmup:
+                    times[name].append(el)
+        hp = systems["hpcllm"]
+        hp.step(0, measure_memory=True)
+        out["rows"].append({"M": M, "times": times, "bubble": statistics.median(hp.bubbles[args.warmup:]),
+                            "act_peak_mib": hp.act_peak / 2 ** 20, "peak_live": hp.eng.stats.peak_live,
+                            "stage": hp.layout.stage})
+        del systems
     out["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if not args.no_torch:
         dist.destroy_process_group()
@@ -312,24 +332,28 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     t0 = time.time()
     ranks = run_workers(args)
-    singles = {r["M"]: r for r in ranks[0]["single"]}
     rows = []
+    tokens = GLOBAL * SHAPE["seq_len"]
     for i, M in enumerate(args.microbatches):
-        hp = [r["hpcllm"][i] for r in ranks]
-        one = singles[M]["tokens_per_s"]
-        tokens = GLOBAL * SHAPE["seq_len"]
-        hp_tps = tokens / hp[0]["step_s"]
+        per_rank = [r["rows"][i] for r in ranks]
+        times = per_rank[0]["times"]
+        best = {k: min(v) for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in times.items()}
+        one = tokens / best["single"]
+        hp_tps = tokens / best["hpcllm"]
         ideal_bubble = (P - 1) / (M + P - 1)
         row = {"M": M, "micro_batch": GLOBAL // M, "single_tokens_per_s": one, "hpcllm_tokens_per_s": hp_tps,
                "hpcllm_speedup": hp_tps / one, "hpcllm_of_ideal": hp_tps / one / P / (1 - ideal_bubble),
-               "ideal_bubble": ideal_bubble, "measured_bubble": max(h["bubble"] for h in hp),
-               "measured_bubble_per_stage": [h["bubble"] for h in hp],
-               "act_peak_mib_per_stage": [h["act_peak_mib"] for h in hp],
-               "peak_live_microbatches_per_stage": [h["peak_live"] for h in hp]}
-        if ranks[0]["torch"]:
-            tt = tokens / ranks[0]["torch"][i]["step_s"]
+               "median_hpcllm_speedup": med["single"] / med["hpcllm"],
+               "ideal_bubble": ideal_bubble, "measured_bubble": max(r["bubble"] for r in per_rank),
+               "measured_bubble_per_stage": [r["bubble"] for r in per_rank],
+               "act_peak_mib_per_stage": [r["act_peak_mib"] for r in per_rank],
+               "peak_live_microbatches_per_stage": [r["peak_live"] for r in per_rank],
+               "step_times_s": times}
+        if "torch" in times:
+            tt = tokens / best["torch"]
             row.update(torch_tokens_per_s=tt, torch_speedup=tt / one, torch_of_ideal=tt / one / P / (1 - ideal_bubble),
-                       hpcllm_over_torch=hp_tps / tt)
+                       hpcllm_over_torch=hp_tps / tt, median_hpcllm_over_torch=med["torch"] / med["hpcllm"])
         rows.append(row)
     rss = [r["rss_mib"] for r in ranks]
 
