@@ -1,6 +1,7 @@
 """`hpcllm slurm` scripts submitted to the real localhost Slurm cluster (2 virtual nodes).
 
-- a 2-task preprocessing array + merge chained by afterok == a single-process run;
+- `chain --submit`: a 2-task preprocessing array + merge + training chained by afterok; the
+  array + merge dataset == a single-process run;
 - 2-node training under `srun --mpi=pmix` and under `mpirun`: Horovod sees 2 nodes, checkpoints;
 - preemption: `scancel --signal=USR1 --batch` -> checkpoint, exit 75, requeue, resume, and the
   final loss equals the uninterrupted run's (requeue-to-resume time recorded);
@@ -44,7 +45,7 @@ def submit(env, cwd, args) -> list[str]:
 
 
 def job_log(cwd: Path, name: str) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in sorted(cwd.glob(f"{name}-*.out")))
+    return "\n".join(p.read_text(errors="replace") for p in sorted(cwd.glob(f"{name}-[0-9]*.out")))
 
 
 def metrics(run: Path) -> list[dict]:
@@ -66,22 +67,40 @@ def _dataset_content(d: Path) -> dict:
                        for k, v in m["splits"].items()}}
 
 
-# --------------------------------------------------------------------------- preprocessing
+# --------------------------------------------------------------------------- chain: array -> merge -> training
 
 
-def test_preprocess_array_and_merge_equal_single_run(slurm_cluster, job_env, corpus, dataset, tmp_path):
-    ids = submit(job_env, tmp_path, ["preprocess", "--tasks", "2", "--max-parallel", "2", "-o", "jobs/prep.sbatch",
-                                     "--", str(corpus / "*.jsonl"), "--out", "arr", "--item-bytes", "4096"])
-    array_id, merge_id = ids
-    recs = slurm_cluster.wait(array_id, timeout=120)
-    assert sorted(r["JobState"] for r in recs) == ["COMPLETED", "COMPLETED"], job_log(tmp_path, "hpcllm-preprocess")
-    merge = slurm_cluster.wait(merge_id, timeout=120)[0]
-    assert merge["JobState"] == "COMPLETED", job_log(tmp_path, "hpcllm-preprocess-merge")
-    # afterok: the merge started only once both tasks had ended
-    assert merge["StartTime"] >= max(r["EndTime"] for r in recs)
-    # each task really did a share of the work, then the merge combined them
-    assert "task 0/2" in job_log(tmp_path, "hpcllm-preprocess") and "task 1/2" in job_log(tmp_path, "hpcllm-preprocess")
-    assert _dataset_content(tmp_path / "arr") == _dataset_content(dataset)
+@pytest.fixture(scope="module")
+def chain_run(slurm_cluster, job_env, corpus, tmp_path_factory):
+    """`hpcllm slurm chain --submit`: a 2-task preprocessing array, the merge (afterok) and a
+    2-node x 2-rank training under srun --mpi=pmix (afterok); the training is also the
+    uninterrupted reference for the preemption test."""
+    cwd = tmp_path_factory.mktemp("chain")
+    t0 = time.monotonic()
+    ids = submit(job_env, cwd, ["chain", "-o", "jobs", "--tasks", "2", "--max-parallel", "2",
+                                "--preprocess", f"'{corpus}/*.jsonl' --out ds --item-bytes 4096",
+                                "-N", "2", "--ntasks-per-node", "2", "--launcher", "srun", "-J", "ref",
+                                "--out", "run", *TRAIN])
+    assert len(ids) == 3
+    recs = {"array": slurm_cluster.wait(ids[0], timeout=120), "merge": slurm_cluster.wait(ids[1], timeout=120)}
+    recs["train"] = slurm_cluster.wait(ids[2], timeout=300)
+    return {"cwd": cwd, "recs": recs, "rec": recs["train"][0], "run": cwd / "run", "log": job_log(cwd, "ref"),
+            "seconds": time.monotonic() - t0}
+
+
+def test_chain_array_and_merge_equal_single_run(chain_run, dataset):
+    cwd, recs = chain_run["cwd"], chain_run["recs"]
+    logs = job_log(cwd, "ref-prep")
+    assert sorted(r["JobState"] for r in recs["array"]) == ["COMPLETED", "COMPLETED"], logs
+    assert recs["merge"][0]["JobState"] == "COMPLETED", logs
+    # afterok: the merge started once both tasks had ended, the training once the merge had
+    assert recs["merge"][0]["StartTime"] >= max(r["EndTime"] for r in recs["array"])
+    assert recs["train"][0]["StartTime"] >= recs["merge"][0]["EndTime"]
+    # each task did its share, then the merge combined them into the single-process dataset
+    assert "task 0/2" in logs and "task 1/2" in logs
+    assert _dataset_content(cwd / "ds") == _dataset_content(dataset)
+    assert sorted(p.name for p in (cwd / "jobs").iterdir()) == ["preprocess-merge.sbatch", "preprocess.sbatch",
+                                                                "train.sbatch"]
 
 
 def test_injection_in_names_and_paths_never_runs(slurm_cluster, job_env, corpus, tmp_path):
@@ -102,17 +121,6 @@ def test_injection_in_names_and_paths_never_runs(slurm_cluster, job_env, corpus,
 # --------------------------------------------------------------------------- training
 
 
-@pytest.fixture(scope="module")
-def srun_run(slurm_cluster, job_env, dataset, tmp_path_factory):
-    """The uninterrupted 2-node x 2-rank run under srun --mpi=pmix (also the preemption reference)."""
-    cwd = tmp_path_factory.mktemp("srun")
-    t0 = time.monotonic()
-    (job_id,) = submit(job_env, cwd, ["train", "-N", "2", "--ntasks-per-node", "2", "--launcher", "srun",
-                                      "-J", "ref", "-o", "train.sbatch", "--data", dataset, "--out", "run", *TRAIN])
-    rec = slurm_cluster.wait(job_id, timeout=300)[0]
-    return {"cwd": cwd, "rec": rec, "run": cwd / "run", "log": job_log(cwd, "ref"), "seconds": time.monotonic() - t0}
-
-
 def _check_two_node_run(res):
     assert res["rec"]["JobState"] == "COMPLETED", res["log"]
     assert res["rec"]["NodeList"] == "node[1-2]"
@@ -124,22 +132,22 @@ def _check_two_node_run(res):
     assert [m["step"] for m in metrics(res["run"])] == list(range(1, 17))
 
 
-def test_train_two_nodes_srun_pmix(srun_run):
-    _check_two_node_run(srun_run)
-    assert "srun --mpi=pmix" in (srun_run["cwd"] / "train.sbatch").read_text()
+def test_train_two_nodes_srun_pmix(chain_run):
+    _check_two_node_run(chain_run)
+    assert "srun --mpi=pmix" in (chain_run["cwd"] / "jobs" / "train.sbatch").read_text()
 
 
-def test_train_two_nodes_mpirun(slurm_cluster, job_env, dataset, srun_run, tmp_path):
+def test_train_two_nodes_mpirun(slurm_cluster, job_env, dataset, chain_run, tmp_path):
     (job_id,) = submit(job_env, tmp_path, ["train", "-N", "2", "--ntasks-per-node", "2", "--launcher", "mpirun",
                                            "-J", "mpi", "-o", "train.sbatch", "--data", dataset, "--out", "run", *TRAIN])
     res = {"rec": slurm_cluster.wait(job_id, timeout=300)[0], "run": tmp_path / "run", "log": job_log(tmp_path, "mpi")}
     _check_two_node_run(res)
     assert "mpirun -np" in (tmp_path / "train.sbatch").read_text()
     # same data, same global batches: the same model as under srun
-    assert final_loss(tmp_path / "run") == pytest.approx(final_loss(srun_run["run"]), rel=1e-6)
+    assert final_loss(tmp_path / "run") == pytest.approx(final_loss(chain_run["run"]), rel=1e-6)
 
 
-def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_env, dataset, srun_run, tmp_path):
+def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_env, dataset, chain_run, tmp_path):
     name = "pre'empt $(touch PWNED)"
     (job_id,) = submit(job_env, tmp_path, ["train", "-N", "2", "--ntasks-per-node", "2", "-J", name,
                                            "--max-requeues", "2", "--output", "preempt-%j.out", "-o", "train.sbatch",
@@ -175,7 +183,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_
     steps = [m["step"] for m in metrics(run)]
     assert steps == list(range(1, 17)), steps  # no step lost or repeated
     # exact resume: the same final loss as the uninterrupted run
-    assert final_loss(run) == final_loss(srun_run["run"])
+    assert final_loss(run) == final_loss(chain_run["run"])
     assert not list(tmp_path.rglob("PWNED*"))
 
     # requeue-to-resume, in parts: stop + checkpoint + requeue, Slurm's hold, restart + resume
@@ -187,7 +195,7 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_
         "restart_to_first_resumed_step_s": round(resumed["time"] - t_restart, 2),
         "requeued_to_first_resumed_step_s": round(resumed["time"] - t_requeued, 2),
         "signal_to_first_resumed_step_s": round(resumed["time"] - t_signal, 2),
-        "uninterrupted_job_s": round(srun_run["seconds"], 2),
+        "uninterrupted_chain_s": round(chain_run["seconds"], 2),
         "cred_expire_s": slurm_cluster.layout.cred_expire,
         "note": "2 virtual nodes x 2 ranks (srun --mpi=pmix) on a 2-core machine, tiny model. The hold "
                 "(requeued_to_restart) is AuthInfo cred_expire: 120 s by default on real clusters.",
