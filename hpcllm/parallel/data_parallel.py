@@ -57,6 +57,12 @@ class DataParallel:
     hvd: object = None  # the horovod.torch module, or None for a lone process
 
     @property
+    def distributed(self) -> bool:
+        """More than one rank: gradients go through Horovod. With one rank the optimizer is
+        left unwrapped (no allreduce of one, no background-thread round trip per step)."""
+        return self.hvd is not None and self.size > 1
+
+    @property
     def is_root(self) -> bool:
         """Rank 0: the one process that writes shared files (config, checkpoints, metrics)."""
         return self.rank == 0
@@ -68,7 +74,7 @@ class DataParallel:
         The gradients of the ``accum`` passes accumulate locally in ``.grad`` and are
         allreduced (averaged over ranks) after the last one, overlapping with its backward.
         """
-        if self.hvd is None:
+        if not self.distributed:
             return optimizer
         hvd = self.hvd
         comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
@@ -77,12 +83,12 @@ class DataParallel:
 
     def synchronize(self, optimizer) -> None:
         """Wait for the gradient allreduces (so they can be unscaled and clipped)."""
-        if self.hvd is not None:
+        if self.distributed:
             optimizer.synchronize()
 
     def step(self, optimizer) -> None:
         """``optimizer.step()`` after :meth:`synchronize`, without a second synchronize."""
-        if self.hvd is None:
+        if not self.distributed:
             optimizer.step()
             return
         with optimizer.skip_synchronize():
@@ -91,7 +97,7 @@ class DataParallel:
     def skip_step(self, optimizer) -> None:
         """Drop this step's (synchronized) gradients without updating: fp16 overflow."""
         optimizer.zero_grad()
-        if self.hvd is not None:
+        if self.distributed:
             # Horovod warns when step() follows synchronize() outside skip_synchronize(); we
             # did synchronize but deliberately take no step, so clear its bookkeeping flag.
             optimizer._synchronized = False
