@@ -28,7 +28,7 @@ FORMAT = "hpcllm-dataset"
 VERSION = 1
 SPLITS = ("train", "val")
 #: how much of a spill file is copied into a shard at a time (bounded memory)
-COPY_CHUNK = 1 << 24
+COPY_CHUNK = 1 << 20
 
 
 def shard_relpath(split: str, index: int) -> str:
