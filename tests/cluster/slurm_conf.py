@@ -76,6 +76,9 @@ def render_slurm_conf(lay: ClusterLayout) -> str:
         f"SlurmdPidFile={r}/run/slurmd-%n.pid",
         f"SlurmctldLogFile={r}/log/slurmctld.log",
         f"SlurmdLogFile={r}/log/slurmd-%n.log",
+        # an empty plugin stack: SPANK plugins of a system Slurm (/etc/slurm/plugstack.conf.d)
+        # must not load here
+        f"PlugStackConfig={r}/etc/plugstack.conf",
         "SlurmctldDebug=info",
         "SlurmdDebug=info",
         # No cgroups in containers/VMs without delegation. linuxproc (process tree) rather
@@ -108,6 +111,7 @@ def render_slurm_conf(lay: ClusterLayout) -> str:
         "MessageTimeout=20",
         "JobRequeue=1",
         "MaxArraySize=1001",
+        "MailProg=/bin/true",
         *lay.extra,
     ]
     for name, port in zip(lay.nodes, lay.node_ports):
