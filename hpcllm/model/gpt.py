@@ -217,11 +217,12 @@ class GPT(nn.Module):
     ``blocks`` is a ModuleDict keyed by the global block index, so parameter names
     (``blocks.5.attn.qkv.weight``) are those of the whole model. A module with ``head`` but
     not ``embed`` still owns a ``wte`` (the tied head weight); keeping the two copies equal
-    is the pipeline's job.
+    is the pipeline's job. ``init_seed`` is passed to :meth:`init_weights` (None: leave
+    PyTorch's default initialisation, e.g. before loading a checkpoint).
     """
 
     def __init__(self, cfg: GPTConfig, layers: Iterable[int] | None = None, embed: bool = True,
-                 head: bool = True):
+                 head: bool = True, init_seed: int | None = 0):
         super().__init__()
         self.cfg = cfg
         self.has_embed, self.has_head = embed, head
@@ -234,7 +235,8 @@ class GPT(nn.Module):
         else:
             self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias) if head else None
-        self.init_weights(0)
+        if init_seed is not None:  # None: the caller loads or initialises the weights itself
+            self.init_weights(init_seed)
 
     # the pieces, so a pipeline stage can run exactly its part
     def block_list(self) -> list[Block]:

@@ -33,7 +33,7 @@ from hpcllm.config import TrainConfig, effective_config, resolve_model, write_js
 from hpcllm.errors import HpcllmError
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import MetricsLogger, device_peak_tflops, truncate_metrics
-from hpcllm.train.precision import LossScaler, autocast, clip_, grad_norm, resolve_precision
+from hpcllm.train.precision import LossScaler, autocast, clip_, cpu_has_fast_bf16, grad_norm, resolve_precision
 from hpcllm.train.schedule import LRSchedule
 from hpcllm.train.stop import StopRequest
 
@@ -214,6 +214,12 @@ def prepare(cfg: TrainConfig) -> Plan:
         raise HpcllmError(f"{cfg.data.path}: the val split has {info.val_tokens} tokens, fewer than one window of "
                           f"seq_len+1 = {gpt_cfg.seq_len + 1}; use --eval-every 0 or more validation data")
     resume_dir = ckpt.resolve_resume(Path(cfg.out), cfg.checkpoint.resume)
+    existing = ckpt.list_checkpoints(cfg.out)
+    if resume_dir is None and existing:
+        # a fresh run here would interleave its checkpoints with the old run's (and retention
+        # could delete the new ones): continuing or starting elsewhere must be explicit
+        raise HpcllmError(f"--out {cfg.out}: already holds checkpoints (newest {existing[-1].name}); "
+                          "add --resume auto to continue that run, or choose another --out")
     tstate = None
     if resume_dir is not None:
         tstate = ckpt.load_json(resume_dir / "trainer.json")
@@ -234,6 +240,9 @@ def _train(cfg: TrainConfig, dp, plan: Plan) -> int:
                                                      plan.trainer_state, plan.start_step)
     device = setup_device(cfg.parallel, dp)
     precision = resolve_precision(cfg.precision.precision, device)
+    if precision in ("bf16", "fp16") and device.type == "cpu" and not cpu_has_fast_bf16():
+        log(dp, f"note: --precision {precision} on a CPU without AMX/AVX512-BF16 is emulated and usually "
+                "much slower than fp32 (--precision auto picks fp32 here)")
 
     loader = BatchLoader(d.path, split="train", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
                          accum=d.accum, dp_rank=dp.rank, dp_size=dp.size, seed=cfg.seed,
@@ -243,9 +252,7 @@ def _train(cfg: TrainConfig, dp, plan: Plan) -> int:
         eval_batches = EvalBatches(d.path, split="val", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
                                    num_batches=lg.eval_batches, dp_rank=dp.rank, dp_size=dp.size)
 
-    model = GPT(gpt_cfg)
-    model.init_weights(cfg.seed)
-    model.to(device)
+    model = GPT(gpt_cfg, init_seed=cfg.seed).to(device)
     optimizer = build_optimizer(model.named_parameters(), o, fused=device.type == "cuda")
     optimizer = dp.wrap_optimizer(optimizer, model, d.accum, cfg.parallel.grad_compression)
     schedule = LRSchedule(o, cfg.steps)

@@ -175,6 +175,8 @@ def test_resume_refuses_another_tokenizer_or_shape_before_step_1(dataset, tmp_pa
     out = tmp_path / "run"
     base = [*TINY, "--data", str(dataset), "--out", str(out), "--micro-batch", "2"]
     run_train(base + ["--steps", "2"])
+    code, err = _cli(capsys, *base, "--steps", "4")  # a fresh run over an old one
+    assert code == 2 and "already holds checkpoints (newest step-00000002)" in err, err
     code, err = _cli(capsys, *base, "--steps", "4", "--resume", "auto", "--d-model", "64")
     assert code == 2 and "d_model 32 -> 64" in err, err
     trainer = out / "checkpoints" / "step-00000002" / "trainer.json"
