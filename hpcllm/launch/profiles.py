@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field, fields
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from hpcllm.errors import HpcllmError
@@ -24,11 +24,14 @@ LAUNCHERS = ("srun", "mpirun", "horovodrun")
 
 
 def assets_dir() -> Path:
-    """The directory holding templates/, profiles/ and examples/ (installed or in the repo)."""
-    try:
-        return Path(str(resources.files("hpcllm.slurm_assets")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[2] / "slurm"
+    """The directory holding templates/, profiles/ and examples/ (installed or in the repo).
+
+    Found with find_spec, without importing the package (so no __pycache__ appears in slurm/).
+    """
+    spec = importlib.util.find_spec("hpcllm.slurm_assets")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "slurm"  # a source tree that is not installed
 
 
 @dataclass
