@@ -23,7 +23,7 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hpcllm.model.gpt import PRESETS, GPTConfig  # noqa: E402
-from hpcllm.plan.devices import cpu_profile  # noqa: E402
+from hpcllm.plan.devices import cpu_profile, has_native_bf16  # noqa: E402
 from hpcllm.plan.layout import Cluster, evaluate  # noqa: E402
 from hpcllm.plan.measure import measure  # noqa: E402
 from hpcllm.plan.memory import Setup, Shape, stage_layers, stage_memory  # noqa: E402
@@ -38,30 +38,23 @@ MEMORY_CASES = {
 }
 
 
-def native_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the throughput case")
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per throughput measurement")
+    ap.add_argument("--steps", type=int, default=6, help="optimizer steps per throughput measurement")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                    "plan_check.json"))
     args = ap.parse_args()
 
-    dev = cpu_profile(measure=True)
+    dev = cpu_profile(measure=False)  # the peak is measured in the benchmark process below
     cluster = Cluster(nodes=1, devices_per_node=1, device=dev)
     results = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+               "load_average_before": os.getloadavg(),
                "gemm_flops": dev.peak_flops, "cpu_mfu": dev.mfu, "throughput": [], "memory": []}
 
     # ---- throughput: the CPU benchmark configuration
     cfg = PRESETS["small"]
-    precisions = ["fp32"] + (["bf16"] if native_bf16() else [])
+    precisions = ["fp32"] + (["bf16"] if has_native_bf16() else [])
     rows = []
     for prec in precisions:
         shape = Shape.from_config(cfg)
@@ -110,6 +103,9 @@ def main():
             results["memory"].append(rec)
             print(f"{name:24s} {pred.total / MiB:13.1f} {got['peak_delta'] / MiB:12.1f} {rec['ratio']:6.3f}")
 
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average before/after: {results['load_average_before'][0]:.1f} / "
+          f"{results['load_average_after'][0]:.1f} (other processes on this machine skew timings)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

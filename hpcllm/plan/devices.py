@@ -139,12 +139,22 @@ def cpu_profile(measure: bool = True) -> DeviceProfile:
 _GEMM_CACHE: dict = {}
 
 
-def measure_gemm_flops(seconds: float = 0.3) -> dict:
-    """FLOP/s of a square matmul on this CPU in fp32 and bf16 (best of repeated runs).
+def has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matmul instructions (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
-    The size doubles from 256 until one product takes >= 20 ms (CPUs without native bf16 run
-    bf16 matmuls ~50x slower than fp32, so a fixed large size could take seconds); then the
-    best of at least three products within ``seconds`` counts.
+
+def measure_gemm_flops(seconds: float = 1.0) -> dict:
+    """FLOP/s of a square matmul on this CPU in fp32 and bf16 (best of at least 5 runs).
+
+    1024 x 1024 products (large enough that thread-pool barriers do not dominate on a busy
+    machine); bf16 uses 384 x 384 on CPUs without bf16 instructions, where PyTorch converts
+    and bf16 runs ~50x slower than fp32.
     """
     if _GEMM_CACHE:
         return dict(_GEMM_CACHE)
@@ -154,19 +164,13 @@ def measure_gemm_flops(seconds: float = 0.3) -> dict:
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        n = 256
-        while True:
-            a = torch.randn(n, n).to(dtype)
-            b = torch.randn(n, n).to(dtype)
-            a @ b  # warm-up: thread pool, kernel selection
-            t0 = time.perf_counter()
-            a @ b
-            if time.perf_counter() - t0 >= 0.02 or n >= 2048:
-                break
-            n *= 2
+        n = 1024 if (name == "fp32" or has_native_bf16()) else 384
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b  # warm-up: thread pool, kernel selection
         best, runs = float("inf"), 0
         t_end = time.perf_counter() + seconds
-        while runs < 3 or time.perf_counter() < t_end:
+        while runs < 5 or time.perf_counter() < t_end:
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
