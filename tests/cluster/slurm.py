@@ -327,7 +327,7 @@ def _pids_with_env(key: str, value: str) -> list[int]:
 
 
 def start_cluster(nodes: int = 2, cpus_per_node: int = 4, root: str | Path | None = None,
-                  timeout: float = 60, extra_conf: list[str] | None = None) -> SlurmCluster:
+                  timeout: float = 60, extra_conf: list[str] | None = None, cred_expire: int = 10) -> SlurmCluster:
     """Start munged, slurmctld and ``nodes`` slurmd; return once every node is idle.
 
     Raises SlurmStartError (with log tails) when something does not come up; whatever did
@@ -339,19 +339,19 @@ def start_cluster(nodes: int = 2, cpus_per_node: int = 4, root: str | Path | Non
     # the ports are free when picked but could be taken before the daemons bind them: one retry
     for attempt in (1, 2):
         try:
-            return _start_once(nodes, cpus_per_node, root, timeout, extra_conf)
+            return _start_once(nodes, cpus_per_node, root, timeout, extra_conf, cred_expire)
         except SlurmStartError:
             if attempt == 2:
                 raise
 
 
-def _start_once(nodes, cpus_per_node, root, timeout, extra_conf) -> SlurmCluster:
+def _start_once(nodes, cpus_per_node, root, timeout, extra_conf, cred_expire) -> SlurmCluster:
     # short path: munge's socket path must fit in sun_path (108 bytes)
     root = Path(root) if root else Path(tempfile.mkdtemp(prefix="hpcllm-slurm-", dir="/tmp"))
     ports = _free_ports(1 + nodes)
     lay = ClusterLayout(root=root, hostname=socket.gethostname().split(".")[0],
                         ctld_port=ports[0], node_ports=ports[1:], cpus_per_node=cpus_per_node,
-                        extra=list(extra_conf or []))
+                        extra=list(extra_conf or []), cred_expire=cred_expire)
     env = dict(os.environ)
     env.update({
         "SLURM_CONF": str(lay.conf),
