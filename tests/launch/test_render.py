@@ -149,6 +149,9 @@ def test_launchers(dataset, tmp_path, launcher, expect):
     # launched in the background and waited for, so the USR1 trap runs while training runs
     assert "launcher_pid=$!" in text and 'wait "$launcher_pid"' in text
     assert "trap 'forward_stop USR1' USR1" in text
+    if launcher == "horovodrun":
+        # horovodrun's children (its mpirun) get the signal too
+        assert 'pkill --signal "$1" -P "$launcher_pid"' in text
 
 
 def test_requeue_logic_in_script(dataset):
