@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,25 @@ def horovod_env(pcfg) -> dict:
     if pcfg.timeline:
         env["HOROVOD_TIMELINE"] = os.path.abspath(pcfg.timeline)
     return env
+
+
+#: how often :func:`poll_until_done` checks an allreduce handle
+POLL_INTERVAL_S = 20e-6
+
+
+def poll_until_done(hvd, optimizer, interval_s: float = POLL_INTERVAL_S) -> None:
+    """Wait for the optimizer's in-flight allreduces by polling every ``interval_s``.
+
+    ``hvd.synchronize()`` waits in C++ with a 1 ms ``sleep_for`` between polls; on a CPU
+    where every core computes (ranks x threads = cores) the sleeping thread often wakes much
+    later, adding milliseconds to each wait (benchmarks/train.py, "+poll" settings). After
+    this returns, synchronize() finds every handle complete and does not sleep.
+    """
+    for handle, _ in list(getattr(optimizer, "_handles", {}).values()):
+        if handle is None or callable(handle):
+            continue
+        while not hvd.poll(handle):
+            time.sleep(interval_s)
 
 
 def _import_horovod():
@@ -84,6 +104,7 @@ class DataParallel:
     def synchronize(self, optimizer) -> None:
         """Wait for the gradient allreduces (so they can be unscaled and clipped)."""
         if self.distributed:
+            poll_until_done(self.hvd, optimizer)
             optimizer.synchronize()
 
     def step(self, optimizer) -> None:
