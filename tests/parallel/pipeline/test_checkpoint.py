@@ -41,6 +41,12 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
     payload = torch.load(written, weights_only=True)
     assert payload["format"] == "hpcllm-model"
     assert_same_params({k: v for k, v in payload["model"].items() if k in params(run)}, params(run), "export")
+    from click.testing import CliRunner
+
+    from hpcllm.cli import cli
+    res = CliRunner().invoke(cli, ["export", str(run), "--out", str(tmp_path / "cli.pt")])
+    assert res.exit_code == 0, res.output
+    assert "2 pipeline stages" in res.output and (tmp_path / "cli.pt").is_file()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("OMPI_COMM_WORLD_RANK", None)
     r = subprocess.run([sys.executable, "-m", "hpcllm", "generate", str(written), "--prompt", "the ",
