@@ -167,18 +167,24 @@ def train(cfg: TrainConfig) -> int:
                 raise HpcllmError("--pipeline-stages > 1: pipeline parallelism is not available in this build") from None
             raise
         return train_pipeline(cfg)
-    plan = prepare(cfg)
-    if plan.start_step >= cfg.steps:
-        if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-            print(f"[hpcllm] checkpoint {plan.resume_dir} is at step {plan.start_step} >= --steps {cfg.steps}: "
-                  "nothing to do", flush=True)
-        return exitcodes.OK
+    # handlers first: a SIGTERM/SIGUSR1 during startup (loading, MPI init) becomes a stop at
+    # the first step boundary instead of killing the rank
+    stop = StopRequest().install()
+    try:
+        plan = prepare(cfg)
+        if plan.start_step >= cfg.steps:
+            if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+                print(f"[hpcllm] checkpoint {plan.resume_dir} is at step {plan.start_step} >= --steps {cfg.steps}: "
+                      "nothing to do", flush=True)
+            return exitcodes.OK
 
-    from hpcllm.parallel.data_parallel import abort_on_exception, init_data_parallel
+        from hpcllm.parallel.data_parallel import abort_on_exception, init_data_parallel
 
-    dp = init_data_parallel(cfg.parallel)
-    with abort_on_exception(dp):
-        return _train(cfg, dp, plan)
+        dp = init_data_parallel(cfg.parallel)
+        with abort_on_exception(dp):
+            return _train(cfg, dp, plan, stop)
+    finally:
+        stop.restore()
 
 
 @dataclass
@@ -227,7 +233,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0)
 
 
-def _train(cfg: TrainConfig, dp, plan: Plan) -> int:
+def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
     from hpcllm.data.loader import BatchLoader, EvalBatches
     from hpcllm.model.gpt import GPT, flops_per_token, param_count
 
@@ -316,83 +322,79 @@ def _train(cfg: TrainConfig, dp, plan: Plan) -> int:
         return path
 
     params = [p for p in model.parameters() if p.requires_grad]
-    stop = StopRequest().install()
     last_saved = start_step if resume_dir is not None else None
     skipped_in_interval = 0
     grad_norm_value = 0.0
-    try:
-        model.train()
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            lr = schedule.apply(optimizer, step)
-            loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-            for x, y in loader.next_batch():
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(precision, device):
-                    loss = model(x, y) / d.accum
-                if nan_at == step + 1:
-                    loss = loss * float("nan")
-                scaler.scale_loss(loss).backward()
-                loss_sum += loss.detach().float()
-            ts = time.perf_counter()
-            dp.synchronize(optimizer)
-            sync_s = time.perf_counter() - ts
-            scaler.unscale_(params)
-            norm = grad_norm(params)
-            agreed = agree(dp, loss_sum, math.isfinite(norm), stop.requested)
+    model.train()
+    for step in range(start_step, cfg.steps):
+        t0 = time.perf_counter()
+        lr = schedule.apply(optimizer, step)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for x, y in loader.next_batch():
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast(precision, device):
+                loss = model(x, y) / d.accum
+            if nan_at == step + 1:
+                loss = loss * float("nan")
+            scaler.scale_loss(loss).backward()
+            loss_sum += loss.detach().float()
+        ts = time.perf_counter()
+        dp.synchronize(optimizer)
+        sync_s = time.perf_counter() - ts
+        scaler.unscale_(params)
+        norm = grad_norm(params)
+        agreed = agree(dp, loss_sum, math.isfinite(norm), stop.requested)
 
-            if agreed.bad_loss_ranks:
-                bad = ranks_with(dp, not bool(torch.isfinite(loss_sum)))
-                good = ckpt.latest_checkpoint(run_dir)
-                msg = (f"non-finite loss at step {step + 1} on rank{'s' if len(bad) > 1 else ''} "
-                       f"{', '.join(map(str, bad))}; stopping without updating the weights. Last good "
-                       f"checkpoint: {good if good is not None else 'none'}")
+        if agreed.bad_loss_ranks:
+            bad = ranks_with(dp, not bool(torch.isfinite(loss_sum)))
+            good = ckpt.latest_checkpoint(run_dir)
+            msg = (f"non-finite loss at step {step + 1} on rank{'s' if len(bad) > 1 else ''} "
+                   f"{', '.join(map(str, bad))}; stopping without updating the weights. Last good "
+                   f"checkpoint: {good if good is not None else 'none'}")
+            if dp.is_root:
+                print(f"error: {msg}", file=sys.stderr, flush=True)
+            return exitcodes.FAILURE
+        if agreed.overflow:
+            if not scaler.enabled:
                 if dp.is_root:
-                    print(f"error: {msg}", file=sys.stderr, flush=True)
+                    print(f"error: non-finite gradient norm at step {step + 1} (loss {agreed.loss:.4f}); "
+                          "stopping", file=sys.stderr, flush=True)
                 return exitcodes.FAILURE
-            if agreed.overflow:
-                if not scaler.enabled:
-                    if dp.is_root:
-                        print(f"error: non-finite gradient norm at step {step + 1} (loss {agreed.loss:.4f}); "
-                              "stopping", file=sys.stderr, flush=True)
-                    return exitcodes.FAILURE
-                dp.skip_step(optimizer)  # every rank skips alike: the flag was agreed
-                skipped_in_interval += 1
-            else:
-                clip_(params, norm, o.grad_clip)
-                dp.step(optimizer)
-                optimizer.zero_grad()
-                grad_norm_value = norm
-            scaler.update(agreed.overflow)
-            metrics.step(agreed.loss, time.perf_counter() - t0, sync_s)
-            done = step + 1
+            dp.skip_step(optimizer)  # every rank skips alike: the flag was agreed
+            skipped_in_interval += 1
+        else:
+            clip_(params, norm, o.grad_clip)
+            dp.step(optimizer)
+            optimizer.zero_grad()
+            grad_norm_value = norm
+        scaler.update(agreed.overflow)
+        metrics.step(agreed.loss, time.perf_counter() - t0, sync_s)
+        done = step + 1
 
-            record = {}
-            if done % lg.log_every == 0 or done == cfg.steps or agreed.stop:
-                record.update(lr=lr, grad_norm=grad_norm_value, skipped=skipped_in_interval)
-                if scaler.enabled:
-                    record["loss_scale"] = scaler.scale
-                skipped_in_interval = 0
-            if eval_batches is not None and (done % lg.eval_every == 0 or done == cfg.steps):
-                record["val_loss"] = evaluate(model, eval_batches, device, precision, dp)
-            if record:
-                if "lr" in record:
-                    metrics.flush(done, **record)
-                else:  # an eval on a step that is not logged: its own line
-                    metrics.write({"step": done, **record})
-                    if dp.is_root:
-                        print(metrics.console_line({"step": done, **record}), flush=True)
+        record = {}
+        if done % lg.log_every == 0 or done == cfg.steps or agreed.stop:
+            record.update(lr=lr, grad_norm=grad_norm_value, skipped=skipped_in_interval)
+            if scaler.enabled:
+                record["loss_scale"] = scaler.scale
+            skipped_in_interval = 0
+        if eval_batches is not None and (done % lg.eval_every == 0 or done == cfg.steps):
+            record["val_loss"] = evaluate(model, eval_batches, device, precision, dp)
+        if record:
+            if "lr" in record:
+                metrics.flush(done, **record)
+            else:  # an eval on a step that is not logged: its own line
+                metrics.write({"step": done, **record})
+                if dp.is_root:
+                    print(metrics.console_line({"step": done, **record}), flush=True)
 
-            if agreed.stop:
-                log(dp, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
-                if last_saved != done:
-                    save(done)
-                return exitcodes.REQUEUE
-            if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
+        if agreed.stop:
+            log(dp, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
+            if last_saved != done:
                 save(done)
-                last_saved = done
-    finally:
-        stop.restore()
+            return exitcodes.REQUEUE
+        if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
+            save(done)
+            last_saved = done
     log(dp, f"done: {cfg.steps} steps")
     return exitcodes.OK
 
