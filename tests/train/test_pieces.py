@@ -227,3 +227,17 @@ def test_loss_falls_on_the_builtin_corpus_and_metrics_are_complete(tmp_path):
     assert "global batch 8 sequences = 256 tokens" in r.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model"]["n_layer"] == 2 and cfg["data"]["micro_batch"] == 8 and cfg["steps"] == 60
+
+
+def test_horovod_env_from_flags(tmp_path):
+    from hpcllm.parallel.data_parallel import horovod_env
+
+    cfg = build_config(None, fusion_threshold_mb=32.0, cycle_time_ms=0.5, hierarchical_allreduce=True,
+                       timeline="tl.json", stall_check_s=30.0, stall_shutdown_s=90.0)
+    env = horovod_env(cfg.parallel)
+    assert env["HOROVOD_FUSION_THRESHOLD"] == str(32 * 1024 * 1024)
+    assert env["HOROVOD_CYCLE_TIME"] == "0.5"
+    assert env["HOROVOD_HIERARCHICAL_ALLREDUCE"] == "1"
+    assert env["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "30"
+    assert env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "90"
+    assert env["HOROVOD_TIMELINE"].endswith("/tl.json") and env["HOROVOD_TIMELINE"].startswith("/")
