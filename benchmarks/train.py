@@ -76,8 +76,12 @@ def _iters(size: int, quick: bool) -> int:
 
 
 def worker_allreduce(args) -> None:
-    """One rank: time allreduce per buffer size with mpi4py or Horovod; rank 0 writes JSON."""
-    import numpy as np
+    """One rank: time allreduce per buffer size; rank 0 writes JSON.
+
+    ``--impl mpi``: mpi4py only (Horovod not even imported). ``--impl hvd``: Horovod only.
+    (mpi4py rounds inside a Horovod launch are not a fair baseline: Horovod's background
+    thread runs its own MPI collectives every cycle and slows them down.)
+    """
     import torch
 
     torch.set_num_threads(1)
@@ -90,9 +94,9 @@ def worker_allreduce(args) -> None:
         import horovod.torch as hvd
 
         hvd.init()
-    rounds = 3 if args.quick else 5
-    out = {"impl": impl, "inplace": args.inplace, "poll_us": args.poll_us, "env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
-           "world": world, "sizes": {}}
+    rounds = 4 if args.quick else 7
+    out = {"impl": impl, "inplace": args.inplace, "poll_us": args.poll_us,
+           "env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}, "world": world, "sizes": {}}
 
     def wait(handle):
         # hvd.synchronize() polls the handle every 1 ms (C++ sleep_for in wait_and_clear);
@@ -102,40 +106,50 @@ def worker_allreduce(args) -> None:
                 time.sleep(args.poll_us * 1e-6)
         return hvd.synchronize(handle)
 
-    def one(t: torch.Tensor, name: str):
-        if impl == "mpi":
-            comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
-        elif args.inplace:
+    def mpi_one(t, name):
+        comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+
+    def hvd_one(t, name):
+        if args.inplace:
             wait(hvd.allreduce_async_(t, op=hvd.Sum, name=name))
         else:
             wait(hvd.allreduce_async(t, op=hvd.Sum, name=name))
+
+    def timed(fn, t, name, n):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn(t, name)
+        return comm.allreduce((time.perf_counter() - t0) / n, op=MPI.MAX)
 
     for size in _sizes(args):
         t = torch.ones(size // 4, dtype=torch.float32)
         n = _iters(size, args.quick)
         name = f"buf.{size}"
-        for _ in range(3):  # warm up: connections, response cache, fusion buffer allocation
-            one(t, name)
-        times = []
-        for _ in range(rounds):
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                one(t, name)
-            dt = (time.perf_counter() - t0) / n
-            times.append(comm.allreduce(dt, op=MPI.MAX))
-        sec = statistics.median(times)
-        # bus bandwidth (NCCL-tests convention): algbw * 2(n-1)/n
-        busbw = size / sec * 2 * (world - 1) / world
-        out["sizes"][str(size)] = {"time_s": sec, "busbw_GBps": busbw / 1e9, "rounds": times}
+        fns = {"mpi": mpi_one} if impl == "mpi" else {"hvd": hvd_one}
+        for fn in fns.values():  # warm up: connections, response cache, fusion buffer
+            for _ in range(3):
+                fn(t, name)
+        times = {k: [] for k in fns}
+        for r in range(rounds):
+            order = list(fns) if r % 2 == 0 else list(fns)[::-1]
+            for k in order:
+                times[k].append(timed(fns[k], t, name, n))
+        entry = {}
+        for k, ts in times.items():
+            sec = statistics.median(ts)
+            # bus bandwidth (NCCL-tests convention): algbw * 2(n-1)/n
+            entry[k] = {"time_s": sec, "busbw_GBps": size / sec * 2 * (world - 1) / world / 1e9, "rounds": ts}
+        out["sizes"][str(size)] = entry
         del t
 
     # one training step's gradients of the fixed shape: many tensors at once, as
-    # hvd.DistributedOptimizer issues them (async, in place, averaged), then synchronize all
-    grads = [torch.ones(s) for s in _grad_shapes()]
+    # hvd.DistributedOptimizer issues them (async, in place, averaged), then wait for all;
+    # mpi4py: one blocking Allreduce per tensor
+    grads = [torch.ones(sh) for sh in _grad_shapes()]
     nbytes = sum(g.numel() * 4 for g in grads)
 
-    def step_allreduce():
+    def step_allreduce(_t=None, _name=None):
         if impl == "mpi":
             for g in grads:
                 comm.Allreduce(MPI.IN_PLACE, g.numpy(), op=MPI.SUM)
@@ -146,13 +160,7 @@ def worker_allreduce(args) -> None:
 
     for _ in range(3):
         step_allreduce()
-    times = []
-    for _ in range(rounds):
-        comm.Barrier()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            step_allreduce()
-        times.append(comm.allreduce((time.perf_counter() - t0) / 10, op=MPI.MAX))
+    times = [timed(step_allreduce, None, None, 10) for _ in range(rounds)]
     out["grads"] = {"tensors": len(grads), "bytes": nbytes, "time_s": statistics.median(times)}
     if impl == "hvd":
         hvd.shutdown()
@@ -286,7 +294,7 @@ def _mpirun(np_: int, cmd: list, env: dict | None = None, timeout: float = 600):
     return res
 
 
-def run_allreduce(quick: bool, settings: list[str], repeats: int) -> dict:
+def run_allreduce(quick: bool, settings: list[str], repeats: int, sizes: str | None = None) -> dict:
     """Launch the allreduce worker per setting, interleaved with mpi4py baseline launches."""
     results = {"mpi4py": []}
     results.update({k: [] for k in settings})
@@ -306,53 +314,65 @@ def run_allreduce(quick: bool, settings: list[str], repeats: int) -> dict:
                         cmd += ["--poll-us", str(poll[0])]
                 if quick:
                     cmd.append("--quick")
+                if sizes:
+                    cmd += ["--sizes", sizes]
                 load0 = os.getloadavg()[0]
                 _mpirun(2, cmd, env={"OMP_NUM_THREADS": "1", **env}, timeout=300)
                 results[name].append(json.loads(out.read_text()))
                 results[name][-1]["load_avg_1m"] = [load0, os.getloadavg()[0]]
-                print(f"  allreduce {name:<40} rep {rep}: 16 MiB "
-                      f"{results[name][-1]['sizes'][str(16 << 20)]['busbw_GBps']:.2f} GB/s, "
-                      f"64 KiB {results[name][-1]['sizes'][str(64 << 10)]['time_s'] * 1e3:.3f} ms", flush=True)
+                r = results[name][-1]["sizes"]
+                k = "mpi" if name == "mpi4py" else "hvd"
+                print(f"  allreduce {name:<28} rep {rep}: " + ", ".join(
+                    f"{fmt_size(int(z))} {c[k]['busbw_GBps']:.2f} GB/s"
+                    for z, c in r.items()),
+                    flush=True)
     return summarize_allreduce(results)
 
 
 def summarize_allreduce(raw: dict) -> dict:
-    """Per setting and size: median over launches of time and bus bandwidth, ratio to mpi4py."""
+    """Per setting and size: median over launches of time and bus bandwidth, and the ratio to
+    the mpi4py launches (interleaved with the Horovod ones, so both saw the same load)."""
     summary = {}
     for name, runs in raw.items():
+        key = "mpi" if name == "mpi4py" else "hvd"
         per = {}
         for size in SIZES:
-            ts = [r["sizes"][str(size)]["time_s"] for r in runs]
-            t = statistics.median(ts)
-            per[str(size)] = {"time_s": t, "busbw_GBps": size / t / 1e9}
-        g = statistics.median(r["grads"]["time_s"] for r in runs)
-        summary[name] = {"sizes": per, "grads_time_s": g, "grads_bytes": runs[0]["grads"]["bytes"],
-                         "grads_tensors": runs[0]["grads"]["tensors"], "launches": len(runs)}
+            cells = [r["sizes"][str(size)][key] for r in runs if str(size) in r["sizes"]]
+            if cells:
+                t = statistics.median(c["time_s"] for c in cells)
+                per[str(size)] = {"time_s": t, "busbw_GBps": size / t / 1e9}
+        summary[name] = {"sizes": per, "grads_time_s": statistics.median(r["grads"]["time_s"] for r in runs),
+                         "grads_bytes": runs[0]["grads"]["bytes"], "grads_tensors": runs[0]["grads"]["tensors"],
+                         "launches": len(runs), "load_avg_1m": [r.get("load_avg_1m") for r in runs]}
     base = summary["mpi4py"]["sizes"]
-    for name, s in summary.items():
-        for size in SIZES:
-            s["sizes"][str(size)]["vs_mpi4py"] = base[str(size)]["time_s"] / s["sizes"][str(size)]["time_s"]
-        s["min_ratio_16MiB_up"] = min(s["sizes"][str(z)]["vs_mpi4py"] for z in SIZES if z >= 16 << 20)
+    for name, v in summary.items():
+        for z, c in v["sizes"].items():
+            c["vs_mpi4py"] = base[z]["time_s"] / c["time_s"]
+        big = [v["sizes"][str(z)]["vs_mpi4py"] for z in SIZES if z >= 16 << 20 and str(z) in v["sizes"]]
+        v["min_ratio_16MiB_up"] = min(big) if big else None
     return {"settings": summary, "raw": raw}
 
 
 def best_setting(ar: dict) -> str:
     """The Horovod setting with the best worst-case ratio from 16 MiB up."""
     cands = {k: v for k, v in ar["settings"].items() if k != "mpi4py"}
-    return max(cands, key=lambda k: cands[k]["min_ratio_16MiB_up"])
+    return max(cands, key=lambda k: cands[k]["min_ratio_16MiB_up"] or 0.0)
 
 
 def allreduce_table(ar: dict) -> str:
     s = ar["settings"]
-    head = f"{'setting':<40}" + "".join(f"{fmt_size(z):>14}" for z in SIZES) + f"{'grads/step':>12}"
-    lines = ["Allreduce, 2 ranks: bus bandwidth GB/s (x mpi4py); 64 KiB also as latency", head, "-" * len(head)]
+    head = f"{'setting':<32}" + "".join(f"{fmt_size(z):>14}" for z in SIZES) + f"{'grads/step':>12}"
+    lines = ["Allreduce, 2 ranks (mpirun, 1 node): bus bandwidth GB/s (x mpi4py on the same buffers, "
+             "launches interleaved); grads/step = one step's gradients of the fixed shape", head, "-" * len(head)]
     for name, v in s.items():
         cells = []
         for z in SIZES:
-            c = v["sizes"][str(z)]
-            cells.append(f"{c['busbw_GBps']:.2f} ({c['vs_mpi4py']:.2f}x)" if name != "mpi4py" else f"{c['busbw_GBps']:.2f}")
-        lines.append(f"{name:<40}" + "".join(f"{c:>14}" for c in cells) + f"{v['grads_time_s'] * 1e3:>10.2f}ms")
-        lines.append(f"{'':<40}{'64 KiB: ' + format(v['sizes'][str(64 << 10)]['time_s'] * 1e3, '.3f') + ' ms':>14}")
+            c = v["sizes"].get(str(z))
+            cells.append("-" if c is None else f"{c['busbw_GBps']:.2f}" if name == "mpi4py"
+                         else f"{c['busbw_GBps']:.2f} ({c['vs_mpi4py']:.2f}x)")
+        lines.append(f"{name:<32}" + "".join(f"{c:>14}" for c in cells) + f"{v['grads_time_s'] * 1e3:>10.1f}ms")
+    lat = {n: v["sizes"].get(str(64 << 10)) for n, v in s.items()}
+    lines.append("64 KiB latency: " + ", ".join(f"{n} {c['time_s'] * 1e3:.2f} ms" for n, c in lat.items() if c))
     return "\n".join(lines)
 
 
@@ -592,7 +612,7 @@ def main(argv=None) -> int:
         tables.append(step_table(results["step"]))
     if "allreduce" in parts:
         settings = [x for x in args.settings.split(",") if x]
-        results["allreduce"] = run_allreduce(args.quick, settings, args.repeats)
+        results["allreduce"] = run_allreduce(args.quick, settings, args.repeats, args.sizes)
     if "allreduce" in results:
         tables.append(allreduce_table(results["allreduce"]))
     if "dp" in parts:
