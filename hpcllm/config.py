@@ -359,6 +359,8 @@ def validate(cfg: TrainConfig) -> None:
     need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
     need(p.fusion_threshold_mb >= 0, f"--fusion-threshold-mb {p.fusion_threshold_mb}: must be >= 0")
     need(p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
+    need(p.stall_check_s >= 1 and p.stall_shutdown_s >= p.stall_check_s,
+         f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 
 
 def resolve_model(mcfg: ModelConfig, vocab_size: int):

@@ -72,7 +72,7 @@ def test_fp16_overflow_skips_the_step_on_every_rank(dataset, tmp_path):
 def test_killed_rank_ends_the_job_in_bounded_time(dataset, tmp_path):
     out = tmp_path / "run"
     marker = f"kill-{tmp_path.name}"
-    p = mpi_popen(train_cmd(*_args(dataset, out, 100000, "--ckpt-every", "0", "--stall-shutdown-s", "20")),
+    p = mpi_popen(train_cmd(*_args(dataset, out, 100000, "--ckpt-every", "0", "--stall-check-s", "10", "--stall-shutdown-s", "20")),
                   np=2, env={}, marker=marker)
     try:
         wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(out)), 60, "step 3")
