@@ -78,6 +78,7 @@ class HFTokenizer:
         self.eod_id = int(eod)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self._fast = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
+        self._can_split = self._splittable()
 
     def __getstate__(self):
         # Workers re-load from the file: tokenizers objects pickle, but this keeps it cheap.
@@ -92,8 +93,67 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._fast(list(texts), add_special_tokens=False)]
 
+    #: characters per encode call in encode_batch_np. HF tokenizers needs about 400 bytes of
+    #: memory per token of the text it encodes at once (alignments, Encoding objects), so
+    #: texts are encoded in batches of this size and converted to arrays batch by batch
+    BATCH_CHARS = 1 << 18
+    #: long documents are cut into pieces of about this many characters (see _pieces)
+    PIECE_CHARS = 1 << 16
+
+    def _splittable(self) -> bool:
+        """True for byte-level BPE with the GPT-2 regex pre-tokenizer and no normaliser.
+
+        There, cutting a text just before a newline that follows a visible character gives
+        exactly the tokens of the whole text: no pre-token joins a visible character and the
+        whitespace after it, and a whitespace run is split by what follows it, which the cut
+        does not change (tests/data check this on real text)."""
+        cfg = json.loads(self._tok.to_str())
+        pre = cfg.get("pre_tokenizer") or {}
+        return cfg.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+
+    @staticmethod
+    def _visible(c: str) -> bool:
+        return c.isalnum() or ("!" <= c <= "~")
+
+    def _pieces(self, text: str) -> list[str]:
+        """``text`` cut at safe newlines about every PIECE_CHARS characters (whole if none)."""
+        if len(text) <= self.BATCH_CHARS or not self._can_split:
+            return [text]
+        pieces, start, n = [], 0, len(text)
+        while n - start > 2 * self.PIECE_CHARS:
+            j = text.find("\n", start + self.PIECE_CHARS)
+            while j != -1 and not self._visible(text[j - 1]):
+                j = text.find("\n", j + 1)
+            if j == -1:
+                break
+            pieces.append(text[start:j])  # the newline starts the next piece
+            start = j
+        pieces.append(text[start:])
+        return pieces
+
     def encode_batch_np(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.uint32) for e in self._fast(list(texts), add_special_tokens=False)]
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        batch: list[str] = []
+        owner: list[int] = []
+        size = 0
+
+        def flush():
+            for k, e in zip(owner, self._fast(batch, add_special_tokens=False)):
+                parts[k].append(np.asarray(e.ids, dtype=np.uint32))
+            batch.clear()
+            owner.clear()
+
+        for k, t in enumerate(texts):
+            for piece in self._pieces(t):
+                if batch and size + len(piece) > self.BATCH_CHARS:
+                    flush()
+                    size = 0
+                batch.append(piece)
+                owner.append(k)
+                size += len(piece)
+        if batch:
+            flush()
+        return [p[0] if len(p) == 1 else np.concatenate(p) if p else np.zeros(0, np.uint32) for p in parts]
 
     def decode(self, ids: Iterable[int]) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]

@@ -66,3 +66,26 @@ def test_inspect_json_show_and_verify(dataset_and_tok):
     shard.write_bytes(bytes(data))
     r = hpcllm("inspect", d / "ds", "--verify")
     assert r.returncode == 2 and "shard-00001.h5: sha256 differs" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_long_documents_are_encoded_in_pieces_with_identical_tokens(tmp_path):
+    """Memory bound for huge documents: cut at safe newlines, the tokens must not change."""
+    import random
+
+    from hpcllm.data.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = ["def", "x", "  ", "\t", "'s", "ζήτα", "日本", "(", ")", ":", "#", "42", "a.b", "'", '"', "\\n"]
+    lines = []
+    for _ in range(3000):
+        indent = rng.choice(["", " ", "    ", "\t", "        "])
+        body = " ".join(rng.choice(words) for _ in range(rng.randint(0, 8)))
+        lines.append(indent + body + rng.choice(["", " ", "  ", "\t"]))
+    text = "\n".join(lines) + "\n\n  \n"
+    tok = train_bpe(iter([text]), 400, str(tmp_path / "t.json"))
+    tok.BATCH_CHARS, tok.PIECE_CHARS = 3000, 700  # many cuts on a modest text
+    assert tok._can_split and len(tok._pieces(text)) > 20
+    docs = [text, text[:2500], text[100:9000], "short one"]
+    got = tok.encode_batch_np(docs)
+    for g, d in zip(got, docs):
+        assert g.tolist() == tok._tok.encode(d, add_special_tokens=False).ids
