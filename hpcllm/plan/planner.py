@@ -191,9 +191,13 @@ def make_plan(req: PlanRequest) -> dict:
                       "epochs": d_preset / have if have else math.inf, "enough": have >= d_preset}
 
     # ---- layouts
-    g = req.devices_per_node or device.devices_per_node
+    for flag, v in (("--devices-per-node", req.devices_per_node), ("--global-batch", req.global_batch),
+                    ("--pipeline-stages", req.pipeline_stages), ("--micro-batch", req.micro_batch)):
+        if v is not None and v < 1:
+            raise HpcllmError(f"{flag} must be >= 1, got {v}")
+    g = req.devices_per_node if req.devices_per_node is not None else device.devices_per_node
     cluster = Cluster(nodes=req.nodes, devices_per_node=g, device=device)
-    gb = req.global_batch or default_global_batch(cluster, cfg.seq_len)
+    gb = req.global_batch if req.global_batch is not None else default_global_batch(cluster, cfg.seq_len)
     rc = (False, True) if req.recompute is None else (req.recompute,)
     layouts = search(shape, cluster, gb, precision=req.precision, optimizer=req.optimizer,
                      schedule=req.schedule, mfu=mfu, recompute=rc)
