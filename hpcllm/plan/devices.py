@@ -12,6 +12,8 @@ their own hardware in TOML (``hpcllm plan --device mycluster.toml``)::
     inter_node_gbps = 100       # GB/s per node (all NICs together)
     overhead_gb = 1.5           # runtime context, library workspaces, allocator slack
     mfu = 0.35                  # default model-FLOPs utilisation for time estimates
+    # kind = "cpu"              # host memory: memory_gb is per node, shared by its ranks
+    # base = "h100"             # start from a built-in profile, override the keys given
 
 Numbers are the vendors' dense (no sparsity) peak rates. The bandwidths are what a ring
 collective achieves ("bus bandwidth"), not the marketing bidirectional sum: NVLink on an
@@ -101,14 +103,16 @@ ALIASES = {
 
 #: Fixed memory a CPU training process holds besides parameters, optimizer state and
 #: activations: autograd engine and oneDNN/OpenMP thread pools, allocator slack, transient
-#: buffers of the backward pass. Calibrated on the machine of tests/test_plan.py (see
-#: README "Memory model calibration"): peak RSS growth minus the modelled tensors.
+#: buffers of the backward pass. Calibrated on a 2-core AMD EPYC (torch 2.13, glibc malloc):
+#: the peak RSS growth of a 1-layer, width-64 model, whose tensors are negligible. The
+#: cases of tests/plan/test_measured.py and benchmarks/plan_check.py check all three constants.
 CPU_OVERHEAD_BYTES = 84 * 1024**2
 #: Fraction of the per-step churn (activations, gradients, temporaries) glibc's heap keeps
-#: resident as fragmentation on CPUs (calibrated like CPU_OVERHEAD_BYTES).
+#: resident as fragmentation on CPUs: fitted on fp32 runs of 2-4 layers at widths 256 and
+#: 1024 (with MALLOC_MMAP_THRESHOLD_ fixed, the excess disappears).
 CPU_HEAP_RETENTION = 0.3
 #: Resident bytes per matmul parameter that bf16 autocast adds on a CPU beyond the bf16
-#: weight copies (calibrated like CPU_OVERHEAD_BYTES on a CPU without native bf16 GEMMs).
+#: weight copies: fitted on a bf16 1-layer width-1024 run on a CPU without bf16 instructions.
 CPU_LOWP_BYTES_PER_PARAM = 4.0
 
 #: Fraction of the measured large-GEMM rate a whole training step reaches on a CPU

@@ -2,7 +2,7 @@
 
 The activation model follows Korthikanti et al. 2022 ("Reducing Activation Recomputation in
 Large Transformer Models", section 4.1), re-derived for hpcllm's GPT (model/gpt.py), and
-checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` (tests/test_plan.py).
+checked tensor by tensor with ``torch.autograd.graph.saved_tensors_hooks`` (tests/plan/test_memory.py).
 Per transformer layer and micro-batch of ``b`` sequences of ``s`` tokens, width ``h``:
 
 ======================================  =====================  ====================

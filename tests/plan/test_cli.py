@@ -138,6 +138,12 @@ def test_user_defined_device_profile(tmp_path, plan_json):
     h = plan_json("--params", "1.3B", "--device", "h100")
     # same layout, a slower device: slower steps
     assert p["recommended"]["time"]["compute"] > h["recommended"]["time"]["compute"]
+    # a built-in base with one key changed
+    half = tmp_path / "h100-40.toml"
+    half.write_text('[device]\nbase = "h100"\nmemory_gb = 40\n')
+    q = plan_json("--params", "1.3B", "--device", half)
+    assert q["device"]["peak_flops"] == h["device"]["peak_flops"]
+    assert q["device"]["memory_bytes"] == 40 * 1024**3 and q["device"]["name"] == "h100-40"
 
 
 @pytest.mark.parametrize("args,words", [
