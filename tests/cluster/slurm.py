@@ -110,7 +110,7 @@ class SlurmCluster:
         return "\n".join(parts)
 
     # --------------------------------------------------------------- clients
-    def run(self, args: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], check: bool = True, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
         """Run a client command (sbatch, srun, scontrol, ...) against this cluster."""
         env = dict(self.env)
         env.update(kw.pop("env", None) or {})
@@ -129,7 +129,10 @@ class SlurmCluster:
 
     def job(self, job_id: str) -> list[dict[str, str]]:
         """``scontrol show job`` as one dict per job record (array tasks give several)."""
-        res = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False)
+        try:
+            res = self.run(["scontrol", "show", "job", "-o", str(job_id)], check=False, timeout=30)
+        except subprocess.TimeoutExpired:  # an overloaded machine: the caller polls again
+            return []
         if res.returncode != 0:
             return []
         records = []
@@ -188,7 +191,10 @@ class SlurmCluster:
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def node_states(self) -> dict[str, str]:
-        res = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False)
+        try:
+            res = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            return {}
         out = {}
         for line in res.stdout.splitlines():
             parts = line.split()

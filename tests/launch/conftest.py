@@ -27,7 +27,7 @@ def write_corpus(directory: Path, files: int = 2, docs: int = 120, seed: int = 0
     return paths
 
 
-def hpcllm(args, env=None, cwd=None, timeout=120) -> subprocess.CompletedProcess:
+def hpcllm(args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     """Run the real CLI (`python -m hpcllm ARGS`)."""
     full_env = dict(os.environ if env is None else env)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")

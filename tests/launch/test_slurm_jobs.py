@@ -2,9 +2,10 @@
 
 - `chain --submit`: a 2-task preprocessing array + merge + training chained by afterok; the
   array + merge dataset == a single-process run;
-- 2-node training under `srun --mpi=pmix` and under `mpirun`: Horovod sees 2 nodes, checkpoints;
-- preemption: `scancel --signal=USR1 --batch` -> checkpoint, exit 75, requeue, resume, and the
-  final loss equals the uninterrupted run's (requeue-to-resume time recorded);
+- 2-node training under `mpirun` (the chain's) and under `srun --mpi=pmix`: Horovod sees 2
+  nodes, checkpoints;
+- preemption of the srun job: `scancel --signal=USR1 --batch` -> checkpoint, exit 75, requeue,
+  resume, and the final loss equals the uninterrupted (mpirun) run's;
 - requeue only on 75, at most --max-requeues times; injected shell in names/paths never runs.
 """
 import json
@@ -72,13 +73,13 @@ def _dataset_content(d: Path) -> dict:
 @pytest.fixture(scope="module")
 def chain_run(slurm_cluster, job_env, corpus, tmp_path_factory):
     """`hpcllm slurm chain --submit`: a 2-task preprocessing array, the merge (afterok) and a
-    2-node x 2-rank training under srun --mpi=pmix (afterok); the training is also the
-    uninterrupted reference for the preemption test."""
+    2-node x 2-rank training under mpirun inside the allocation (afterok); the training is also
+    the uninterrupted reference for the preemption test (which runs under srun)."""
     cwd = tmp_path_factory.mktemp("chain")
     t0 = time.monotonic()
     ids = submit(job_env, cwd, ["chain", "-o", "jobs", "--tasks", "2", "--max-parallel", "2",
                                 "--preprocess", f"'{corpus}/*.jsonl' --out ds --item-bytes 4096",
-                                "-N", "2", "--ntasks-per-node", "2", "--launcher", "srun", "-J", "ref",
+                                "-N", "2", "--ntasks-per-node", "2", "--launcher", "mpirun", "-J", "ref",
                                 "--out", "run", *TRAIN])
     assert len(ids) == 3
     recs = {"array": slurm_cluster.wait(ids[0], timeout=120), "merge": slurm_cluster.wait(ids[1], timeout=120)}
@@ -131,27 +132,21 @@ def _check_two_node_run(res):
     assert [m["step"] for m in metrics(res["run"])] == list(range(1, 17))
 
 
-def test_train_two_nodes_srun_pmix(chain_run):
+def test_train_two_nodes_mpirun(chain_run):
     _check_two_node_run(chain_run)
-    assert "srun --mpi=pmix" in (chain_run["cwd"] / "jobs" / "train.sbatch").read_text()
+    assert 'mpirun -np "$SLURM_NTASKS"' in (chain_run["cwd"] / "jobs" / "train.sbatch").read_text()
 
 
-def test_train_two_nodes_mpirun(slurm_cluster, job_env, dataset, chain_run, tmp_path):
-    (job_id,) = submit(job_env, tmp_path, ["train", "-N", "2", "--ntasks-per-node", "2", "--launcher", "mpirun",
-                                           "-J", "mpi", "-o", "train.sbatch", "--data", dataset, "--out", "run", *TRAIN])
-    res = {"rec": slurm_cluster.wait(job_id, timeout=300)[0], "run": tmp_path / "run", "log": job_log(tmp_path, "mpi")}
-    _check_two_node_run(res)
-    assert "mpirun -np" in (tmp_path / "train.sbatch").read_text()
-    # same data, same global batches: the same model as under srun
-    assert final_loss(tmp_path / "run") == pytest.approx(final_loss(chain_run["run"]), rel=1e-6)
-
-
-def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_env, dataset, chain_run, tmp_path):
+@pytest.fixture(scope="module")
+def preempted_run(slurm_cluster, job_env, dataset, tmp_path_factory):
+    """The same training under srun --mpi=pmix, stopped with `scancel --signal=USR1 --batch`
+    after step 3: it checkpoints, exits 75, requeues itself, and the requeued job resumes."""
+    cwd = tmp_path_factory.mktemp("preempt")
     name = "pre'empt $(touch PWNED)"
-    (job_id,) = submit(job_env, tmp_path, ["train", "-N", "2", "--ntasks-per-node", "2", "-J", name,
-                                           "--max-requeues", "2", "--output", "preempt-%j.out", "-o", "train.sbatch",
-                                           "--data", dataset, "--out", "run", *TRAIN])
-    run = tmp_path / "run"
+    (job_id,) = submit(job_env, cwd, ["train", "-N", "2", "--ntasks-per-node", "2", "--launcher", "srun", "-J", name,
+                                      "--max-requeues", "2", "--output", "preempt-%j.out", "-o", "train.sbatch",
+                                      "--data", dataset, "--out", "run", *TRAIN])
+    run = cwd / "run"
     slurm_cluster.wait_until(lambda: any(m["step"] >= 3 for m in metrics(run)), timeout=240, poll=0.1,
                              what="training reached step 3")
     t_signal = time.time()
@@ -164,15 +159,27 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_
     slurm_cluster.wait_until(requeued, timeout=120, poll=0.1, what="job requeued")
     t_requeued = time.time()
     stopped_at = max(m["step"] for m in metrics(run))
-    assert stopped_at < 16
     # Slurm holds a requeued job for AuthInfo's cred_expire (120 s by default, 10 s on the test
     # cluster) while its old credentials are revoked on the nodes; it then starts by itself.
     slurm_cluster.wait_until(lambda: (slurm_cluster.job(job_id) or [{}])[0].get("JobState") not in ("PENDING", "REQUEUED"),
                              timeout=120, poll=0.1, what="requeued job started")
     t_restart = time.time()
     rec = slurm_cluster.wait(job_id, timeout=300)[0]
-    log = job_log(tmp_path, "preempt")
-    assert rec["JobState"] == "COMPLETED" and rec["Restarts"] == "1", log
+    return {"cwd": cwd, "rec": rec, "run": run, "log": job_log(cwd, "preempt"), "name": name,
+            "stopped_at": stopped_at, "t_signal": t_signal, "t_requeued": t_requeued, "t_restart": t_restart}
+
+
+def test_train_two_nodes_srun_pmix(preempted_run):
+    _check_two_node_run(preempted_run)
+    assert "srun --mpi=pmix" in (preempted_run["cwd"] / "train.sbatch").read_text()
+
+
+def test_preemption_checkpoints_requeues_and_resumes_exactly(preempted_run, chain_run, slurm_cluster):
+    p = preempted_run
+    run, log, stopped_at = p["run"], p["log"], p["stopped_at"]
+    assert p["rec"]["JobState"] == "COMPLETED" and p["rec"]["Restarts"] == "1", log
+    assert p["rec"]["JobName"] == p["name"]
+    assert stopped_at < 16
 
     # the stop: a checkpoint at the agreed step, exit 75, requeue; then a resume from it
     assert (run / "checkpoints" / f"step-{stopped_at:08d}").is_dir(), sorted(os.listdir(run / "checkpoints"))
@@ -181,28 +188,24 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(slurm_cluster, job_
     assert "training exited with status 0" in log
     steps = [m["step"] for m in metrics(run)]
     assert steps == list(range(1, 17)), steps  # no step lost or repeated
-    # exact resume: the same final loss as the uninterrupted run
+    # exact resume: the same final loss as the uninterrupted run (which ran under mpirun)
     assert final_loss(run) == final_loss(chain_run["run"])
-    assert not list(tmp_path.rglob("PWNED*"))
+    assert not list(p["cwd"].rglob("PWNED*"))
 
     # requeue-to-resume, in parts: stop + checkpoint + requeue, Slurm's hold, restart + resume
     resumed = next(m for m in metrics(run) if m["step"] == stopped_at + 1)
     timing = {
         "stopped_at_step": stopped_at,
-        "signal_to_requeued_s": round(t_requeued - t_signal, 2),
-        "requeued_to_restart_s": round(t_restart - t_requeued, 2),
-        "restart_to_first_resumed_step_s": round(resumed["time"] - t_restart, 2),
-        "requeued_to_first_resumed_step_s": round(resumed["time"] - t_requeued, 2),
-        "signal_to_first_resumed_step_s": round(resumed["time"] - t_signal, 2),
-        "uninterrupted_chain_s": round(chain_run["seconds"], 2),
+        "signal_to_requeued_s": round(p["t_requeued"] - p["t_signal"], 2),
+        "requeued_to_restart_s": round(p["t_restart"] - p["t_requeued"], 2),
+        "restart_to_first_resumed_step_s": round(resumed["time"] - p["t_restart"], 2),
+        "signal_to_first_resumed_step_s": round(resumed["time"] - p["t_signal"], 2),
         "cred_expire_s": slurm_cluster.layout.cred_expire,
-        "note": "2 virtual nodes x 2 ranks (srun --mpi=pmix) on a 2-core machine, tiny model. The hold "
-                "(requeued_to_restart) is AuthInfo cred_expire: 120 s by default on real clusters.",
         "job_starts": re.findall(r"start=(\S+ \S+)", log),
     }
     # shown with -s or on failure; benchmarks/slurm_requeue.py measures it on its own
     print("requeue timing:", json.dumps(timing))
-    (tmp_path / "requeue_timing.json").write_text(json.dumps(timing, indent=2) + "\n")
+    (p["cwd"] / "requeue_timing.json").write_text(json.dumps(timing, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- requeue policy
