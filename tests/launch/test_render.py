@@ -91,9 +91,16 @@ def test_all_profiles_load_and_render(dataset, tmp_path):
 
 
 def _value_for(spec):
+    """A valid value that differs from the default (the config's own checks still apply)."""
     if spec.choices:
         return spec.choices[-1]
-    return {int: 3, float: 0.25, bool: True}.get(spec.type, f"v {spec.name} 'x'")
+    if spec.type is bool:
+        return not spec.default
+    if spec.type is float:
+        return spec.default / 2 if spec.default else 0.5
+    if spec.type is int:
+        return {"d_model": 96}.get(spec.name, spec.default + 1 if spec.default is not None else 3)
+    return f"v {spec.name} 'x'"
 
 
 def test_every_train_option_passes_through_unchanged(dataset):
@@ -123,7 +130,7 @@ def test_every_train_option_passes_through_unchanged(dataset):
     # the Horovod knobs are also exported for the whole job
     assert "export HOROVOD_TIMELINE='/tmp/tl x.json'" in text
     assert "export HOROVOD_HIERARCHICAL_ALLREDUCE=1" in text
-    assert "export HOROVOD_FUSION_THRESHOLD=262144" in text  # 0.25 MiB
+    assert "export HOROVOD_FUSION_THRESHOLD=33554432" in text  # 32 MiB (half the default)
 
 
 def test_resume_auto_added_and_profile_knobs_reach_train(dataset):
