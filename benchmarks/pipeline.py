@@ -14,6 +14,10 @@ last), 2 ranks x 1 thread.  For each M in 2, 4, 8, 16 (micro-batch 16/M):
   tokens/s over 1 proc's, ``eff`` = speedup / P, ``of ideal`` = eff / (1 - (P-1)/(M+P-1)).
   ``bubble`` = the largest share of a step a stage spent waiting on its peer (measured by
   the engine), next to the ideal (P-1)/(M+P-1).
+- **2x1 ceil**: both ranks run the whole model at once, independently: their combined
+  speedup over 1 proc is the most any 2-rank pipeline can reach on this machine (2.0 on
+  two idle cores; less when other load or shared caches slow two busy processes down).
+  ``(ceil)`` = hpcllm's speedup over ``ceil x (1 - ideal bubble)``.
 - **torch**: the same split with ``torch.distributed.pipelining`` ``Schedule1F1B`` over gloo
   (untied embeddings, which it requires), AdamW step.
 - **act MiB**: peak bytes of tensors saved for backward per stage (saved-tensor hooks, one
@@ -133,6 +137,31 @@ class Single:
             el = time.perf_counter() - t
         idle_barrier(self.comm)
         return self.comm.bcast(el, root=0)
+
+
+class Concurrent:
+    """Both ranks run the whole model at once, independently: how close to 2x one process
+    this machine lets two busy processes get (the ceiling any 2-rank pipeline works under)."""
+
+    def __init__(self, comm, M: int):
+        import torch
+
+        from hpcllm.model.gpt import GPT
+
+        self.comm, self.M, self.mb = comm, M, GLOBAL // M
+        self.model = GPT(gpt_cfg())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+
+    def step(self, step: int) -> float:
+        data = batches(self.M, step, self.mb)
+        self.comm.Barrier()
+        t = time.perf_counter()
+        for x, y in data:
+            (self.model(x, y) / self.M).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        el = time.perf_counter() - t
+        return self.comm.allreduce(el, op=_mpi().MAX)
 
 
 class Hpcllm:
@@ -263,7 +292,7 @@ def worker(args) -> None:
         dist.init_process_group("gloo", rank=comm.Get_rank(), world_size=comm.Get_size(),
                                 init_method=f"tcp://127.0.0.1:{args.port}")
     for M in args.microbatches:
-        systems = {"single": Single(comm, M), "hpcllm": Hpcllm(comm, M)}
+        systems = {"single": Single(comm, M), "two": Concurrent(comm, M), "hpcllm": Hpcllm(comm, M)}
         if not args.no_torch:
             systems["torch"] = TorchPipelining(comm, M)
         times = {k: [] for k in systems}
@@ -342,9 +371,12 @@ def main(argv=None) -> int:
         one = tokens / best["single"]
         hp_tps = tokens / best["hpcllm"]
         ideal_bubble = (P - 1) / (M + P - 1)
+        ceiling = 2 * tokens / best["two"] / one  # speedup of 2 independent processes
         row = {"M": M, "micro_batch": GLOBAL // M, "single_tokens_per_s": one, "hpcllm_tokens_per_s": hp_tps,
+               "two_process_ceiling": ceiling,
                "hpcllm_speedup": hp_tps / one, "hpcllm_of_ideal": hp_tps / one / P / (1 - ideal_bubble),
                "median_hpcllm_speedup": med["single"] / med["hpcllm"],
+               "hpcllm_of_ideal_at_ceiling": hp_tps / one / ceiling / (1 - ideal_bubble),
                "ideal_bubble": ideal_bubble, "measured_bubble": max(r["bubble"] for r in per_rank),
                "measured_bubble_per_stage": [r["bubble"] for r in per_rank],
                "act_peak_mib_per_stage": [r["act_peak_mib"] for r in per_rank],
@@ -357,14 +389,15 @@ def main(argv=None) -> int:
         rows.append(row)
     rss = [r["rss_mib"] for r in ranks]
 
-    hdr = (f"{'M':>3} {'mb':>3} {'1 proc tok/s':>12} {'hpcllm tok/s':>12} {'speedup':>7} {'of ideal':>8} "
+    hdr = (f"{'M':>3} {'mb':>3} {'1 proc tok/s':>12} {'2x1 ceil':>8} {'hpcllm tok/s':>12} {'speedup':>7} {'of ideal':>8} {'(ceil)':>6} "
            f"{'bubble':>13} {'torch tok/s':>11} {'of ideal':>8} {'hp/torch':>8} {'act MiB s0/s1':>13}")
     print(f"pipeline benchmark: P={P}, {SHAPE['n_layer']} layers d {SHAPE['d_model']} seq {SHAPE['seq_len']}, "
           f"{GLOBAL} sequences/step, fp32, 1 thread per rank (load average at start {load:.1f})")
     print(hdr)
     for r in rows:
-        print(f"{r['M']:>3} {r['micro_batch']:>3} {r['single_tokens_per_s']:>12.0f} {r['hpcllm_tokens_per_s']:>12.0f} "
-              f"{r['hpcllm_speedup']:>7.2f} {r['hpcllm_of_ideal']:>8.2f} "
+        print(f"{r['M']:>3} {r['micro_batch']:>3} {r['single_tokens_per_s']:>12.0f} {r['two_process_ceiling']:>8.2f} "
+              f"{r['hpcllm_tokens_per_s']:>12.0f} "
+              f"{r['hpcllm_speedup']:>7.2f} {r['hpcllm_of_ideal']:>8.2f} {r['hpcllm_of_ideal_at_ceiling']:>6.2f} "
               f"{r['measured_bubble']:>6.3f}/{r['ideal_bubble']:<6.3f} "
               f"{r.get('torch_tokens_per_s', float('nan')):>11.0f} {r.get('torch_of_ideal', float('nan')):>8.2f} "
               f"{r.get('hpcllm_over_torch', float('nan')):>8.2f} "
