@@ -14,7 +14,8 @@ def test_wheel_install_ships_slurm_assets(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(REPO)], check=True, capture_output=True)
     expected = sorted(p.relative_to(REPO / "slurm").as_posix()
-                      for p in (REPO / "slurm").rglob("*") if p.is_file())
+                      for p in (REPO / "slurm").rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts)
     assert expected, "slurm/ has no templates or profiles"
     probe = ("import hpcllm, importlib.resources as r, pathlib, json;"
              "root = r.files('hpcllm.slurm_assets');"
