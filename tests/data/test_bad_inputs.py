@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.data.conftest import hpcllm, make_docs, write_jsonl
+from tests.data.conftest import hpcllm, write_jsonl
 
 GOOD = [f"good document number {i} " + "with enough characters to keep" for i in range(20)]
 

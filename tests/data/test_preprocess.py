@@ -1,5 +1,4 @@
 """preprocess end to end: exact content, splits, formats, corpora, workers, resume, job arrays."""
-import bz2  # noqa: F401  (stdlib presence)
 import gzip
 import json
 import lzma
@@ -14,7 +13,6 @@ import pytest
 
 from hpcllm.data.clean import content_hash, is_val
 from hpcllm.data.preprocess import merge_parts, run_preprocess
-from hpcllm.data.shards import read_manifest
 from tests.data.conftest import (REPO, dataset_digest, decode_split, expected_clean, make_docs,
                                  write_jsonl)
 
