@@ -61,10 +61,12 @@ HVD_SETTINGS = {
     "cycle0.5+inplace+poll": ({"HOROVOD_CYCLE_TIME": "0.5"}, True, 20),
     # hpcllm's defaults (config.py, data_parallel.py): best for CPU training steps, see run_dp
     "cycle5+inplace+poll": ({"HOROVOD_CYCLE_TIME": "5"}, True, 20),
+    "cycle1+inplace+poll": ({"HOROVOD_CYCLE_TIME": "1"}, True, 20),
+    "cycle2+inplace+poll": ({"HOROVOD_CYCLE_TIME": "2"}, True, 20),
 }
-HPCLLM_SETTING = "cycle5+inplace+poll"
+HPCLLM_SETTING = "cycle2+inplace+poll"
 DEFAULT_SETTINGS = ["default", "default+inplace", "cycle0.1+inplace", "default+inplace+poll",
-                    "cycle0.1+inplace+poll", "cycle5+inplace+poll"]
+                    "cycle0.1+inplace+poll", "cycle2+inplace+poll", "cycle5+inplace+poll"]
 
 
 def fmt_size(n: int) -> str:

@@ -98,10 +98,10 @@ class ParallelConfig:
     threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].")
     grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
     fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
-    cycle_time_ms: float = opt(5.0, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME). 5 ms suits CPU "
+    cycle_time_ms: float = opt(2.0, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME). 2 ms suits CPU "
                                "nodes where ranks x threads fill the cores: each cycle's negotiation spins "
-                               "on a core, and at 0.1 ms a 2-rank CPU step ran 1.7x slower "
-                               "(benchmarks/train.py); on GPU nodes 0.1-1 ms lowers allreduce latency.")
+                               "on a core, and at 0.1 ms a 2-rank CPU step ran 1.7x slower than at 2 ms "
+                               "(benchmarks/train.py); with spare cores (GPU nodes) 0.1 ms gives the lowest allreduce latency.")
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
                                        "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
