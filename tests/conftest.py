@@ -17,3 +17,11 @@ os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
 
 # The session-scoped localhost Slurm cluster (`slurm_cluster` fixture), started on first use.
 pytest_plugins = ["tests.cluster.conftest_slurm"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the `memory` tests (peak RSS of fresh child processes, compared with the planner's
+    model) before everything else. After a few hundred other tests in the same session their
+    children have measured up to 25% more resident memory than on a fresh start (glibc heap
+    retention; the cause outside the child was not pinned down), which is noise, not model error."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("memory") else 1)

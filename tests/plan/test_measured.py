@@ -13,6 +13,8 @@ from hpcllm.plan.devices import cpu_profile
 from hpcllm.plan.measure import measure
 from hpcllm.plan.memory import Setup, Shape, stage_layers, stage_memory
 
+pytestmark = pytest.mark.memory
+
 TOLERANCE = 0.15
 
 CASES = {
@@ -39,7 +41,7 @@ def test_predicted_peak_memory_within_15_percent_of_measured(name, device):
     first = sum(counts[:stage])
     predicted = stage_memory(shape, setup, device, stage, counts[stage])
     got = measure(cfg, b, precision, pipeline_stages=P, stage=stage, layers=(first, first + counts[stage]),
-                  microbatches=M, steps=2)
+                  microbatches=M, steps=2, repeats=2)
     assert got["params"] == predicted.params_count  # the stage really holds what the model counts
     ratio = predicted.total / got["peak_delta"]
     print(f"{name}: predicted {predicted.total / 2**20:.1f} MiB, measured {got['peak_delta'] / 2**20:.1f} MiB, "

@@ -17,6 +17,7 @@ CFG = GPTConfig(n_layer=4, n_head=4, d_model=256, seq_len=128, vocab_size=257)
 
 
 @pytest.mark.mpi
+@pytest.mark.memory
 @pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
 def test_every_stage_of_a_real_pipeline_within_15_percent(recompute):
     import json
