@@ -71,24 +71,14 @@ def mpi_checks() -> list:
         import mpi4py
         lib = MPI.Get_library_version().strip().splitlines()[0]
         checks.append(Check("mpi4py", f"{mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))}: {lib}"))
-        cuda_aware = cuda_aware_mpi()
-        checks.append(Check("cuda-aware MPI", {True: "yes", False: "no (pipeline uses staged host copies)",
-                                               None: "unknown (pipeline uses staged host copies)"}[cuda_aware]))
+        # the same decision the pipeline engine makes (device buffers to MPI, or staged copies)
+        from hpcllm.parallel.pipeline.transport import cuda_aware_mpi
+        aware, how = cuda_aware_mpi()
+        checks.append(Check("cuda-aware MPI", f"yes ({how})" if aware else
+                            f"no ({how}): the pipeline stages device buffers through host memory"))
     except Exception as e:  # noqa: BLE001
         checks.append(Check("mpi4py", f"not importable: {e}", False))
     return checks
-
-
-def cuda_aware_mpi():
-    """True/False when Open MPI reports it (ompi_info), None when it cannot tell."""
-    info = shutil.which("ompi_info")
-    if not info:
-        return None
-    out = _run([info, "--parsable", "--all"])
-    for line in out.splitlines():
-        if "mpi_built_with_cuda_support:value" in line:
-            return line.rsplit(":", 1)[-1].strip() == "true"
-    return None
 
 
 def horovod_checks() -> list:
@@ -134,13 +124,17 @@ def hdf5_checks() -> list:
 def slurm_checks() -> list:
     found = {c: shutil.which(c) for c in ("sbatch", "srun", "squeue", "scontrol", "sinfo")}
     have = [c for c, p in found.items() if p]
-    version = _run(["sbatch", "--version"]) if found["sbatch"] else ""
-    checks = [Check("slurm", f"{version or 'not found'}; commands: {', '.join(have) or 'none'}")]
-    if found["srun"]:
-        mpi = _run(["srun", "--mpi=list"])
-        pmix = "pmix" in mpi
+    if not found["sbatch"]:
+        return [Check("slurm", "not found (hpcllm slurm can still write scripts)")]
+    version = _run(["sbatch", "--version"])
+    configured = version.startswith("slurm")
+    if not configured:  # Slurm 22.05 clients need a configuration even for --version
+        version = "installed, no cluster configuration reachable (SLURM_CONF / slurm.conf)"
+    checks = [Check("slurm", f"{version.splitlines()[0]}; commands: {', '.join(have)}")]
+    if found["srun"] and configured:
+        pmix = "pmix" in _run(["srun", "--mpi=list"])
         checks.append(Check("srun --mpi=pmix", "available" if pmix else
-                            "pmix plugin not listed (use mpirun inside the allocation)", True))
+                            "pmix plugin not listed (use mpirun inside the allocation)"))
     return checks
 
 

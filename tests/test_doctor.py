@@ -23,3 +23,12 @@ def test_doctor_under_mpirun_shows_each_rank():
     res = run_mpi([sys.executable, "-m", "hpcllm", "doctor", "--all-ranks"], np=2).check()
     assert "rank 0/2" in res.stdout and "rank 1/2" in res.stdout
     assert "horovod init" in res.stdout and "rank 1/2 local 1/2" in res.stdout
+
+
+@pytest.mark.slurm
+def test_doctor_under_srun_reads_the_slurm_layout(slurm_cluster):
+    res = slurm_cluster.run(["srun", "--mpi=pmix", "-N2", "--ntasks-per-node=1", sys.executable, "-m",
+                             "hpcllm", "doctor", "--all-ranks"], timeout=180)
+    assert "srun --mpi=pmix   available" in res.stdout
+    assert "rank 0/2 local 0/1 node 0/2 (node1) via srun" in res.stdout
+    assert "rank 1/2 local 0/1 node 1/2 (node2) via srun" in res.stdout

@@ -34,6 +34,9 @@ class Topology:
         nodelist = tuple(expand_nodelist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""))
         job_id = env.get("SLURM_JOB_ID")
         restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        # Slurm's node name is what squeue and the node list show (and it tells virtual
+        # nodes on one host apart); outside a Slurm step, the host name.
+        host = env.get("SLURMD_NODENAME") if in_step and env.get("SLURMD_NODENAME") else socket.gethostname()
         if "OMPI_COMM_WORLD_RANK" in env:
             world = int(env["OMPI_COMM_WORLD_SIZE"])
             local_size = int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1"))
@@ -53,7 +56,7 @@ class Topology:
             return cls(rank=rank, world_size=world,
                        local_rank=int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")),
                        local_size=local_size, node_id=node_id, num_nodes=num_nodes,
-                       nodelist=nodelist, launcher="srun" if in_step else "mpirun",
+                       nodelist=nodelist, launcher="srun" if in_step else "mpirun", hostname=host,
                        job_id=job_id, restart_count=restarts)
         if in_step:
             world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
@@ -65,7 +68,8 @@ class Topology:
                        local_rank=int(env.get("SLURM_LOCALID", "0")),
                        local_size=tasks_per_node or max(1, world // num_nodes),
                        node_id=int(env.get("SLURM_NODEID", "0")), num_nodes=num_nodes,
-                       nodelist=nodelist, launcher="srun", job_id=job_id, restart_count=restarts)
+                       nodelist=nodelist, launcher="srun", job_id=job_id, restart_count=restarts,
+                       hostname=host)
         return cls(nodelist=nodelist, job_id=job_id, restart_count=restarts)
 
     def threads_per_rank(self, env=None) -> int:
