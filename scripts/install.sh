@@ -49,6 +49,10 @@ done
 if ! ls /usr/lib/*/slurm-wlm/mpi_pmix.so >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     missing+=(slurm-wlm-basic-plugins)
 fi
+# ... and that plugin dlopen()s the unversioned libpmix.so, which only libpmix-dev ships.
+if ! ls /usr/lib/*/libpmix.so /usr/lib/libpmix.so >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    missing+=(libpmix-dev)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     pkgs=$(printf '%s\n' "${missing[@]}" openmpi-bin libopenmpi-dev | sort -u | tr '\n' ' ')
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -60,7 +64,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     else
         cat >&2 <<EOF
 [install] error: missing system packages: $pkgs
-  Install them as root:   sudo apt-get install -y $pkgs build-essential munge slurm-wlm
+  Install them as root:   sudo apt-get install -y $pkgs build-essential munge slurm-wlm libpmix-dev
   Or, on a cluster login node, load modules instead, e.g.:
                           module load openmpi/4 cmake gcc   (then run 'make install' again)
 EOF
@@ -76,7 +80,12 @@ if [ ! -x "$VENV/bin/python" ]; then
     say "creating virtualenv $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# pip, minus the warning this machine's pip.conf prints for each index directory it lacks
+pip_quiet() {
+    "$VENV/bin/python" -m pip --disable-pip-version-check -q "$@" \
+        2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip=(pip_quiet)
 
 if [ "$have_cuda" = 1 ]; then
     # PyPI's Linux torch wheels are CUDA builds; ignore any local CPU-only wheel directory.
@@ -117,7 +126,7 @@ EOF
         [ "$have_cuda" = 1 ] && build_env+=(HOROVOD_GPU_OPERATIONS=NCCL)
         mkdir -p "$wheel_dir.tmp"
         log="$HPCLLM_CACHE/horovod-build.log"
-        if ! env "${build_env[@]}" "${pip[@]}" wheel --no-build-isolation --no-deps \
+        if ! env "${build_env[@]}" "$VENV/bin/python" -m pip --disable-pip-version-check -q wheel --no-build-isolation --no-deps \
                 -w "$wheel_dir.tmp" "horovod==$HOROVOD_VERSION" >"$log" 2>&1; then
             tail -40 "$log" >&2
             die "Horovod build failed; full log: $log"
