@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # `make demo`: built-in corpus -> HDF5 shards -> GPT trained with Horovod on 2 MPI ranks in
 # bf16 where the CPU/GPU has fast bf16 (AMX, AVX512-BF16, recent GPUs), else fp32 (`--precision
-# auto`) -> a generated sample. Variables: VENV, DEMO_STEPS (300), DEMO_OUT (runs/demo),
+# auto`) -> a generated sample. Variables: VENV, DEMO_STEPS (800), DEMO_OUT (runs/demo),
 # DEMO_DATA (data/stdlib), DEMO_MODEL (mini), DEMO_PRECISION (auto).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-800}
 OUT=${DEMO_OUT:-runs/demo}
 DATA=${DEMO_DATA:-data/stdlib}
 hpcllm=("$VENV/bin/hpcllm")
@@ -23,7 +23,7 @@ rm -rf "$OUT"
 mpirun -np 2 "${root[@]}" --oversubscribe --bind-to none -x PATH -x OMP_NUM_THREADS=1 \
     "${hpcllm[@]}" train --data "$DATA" --out "$OUT" --model "$MODEL" \
     --seq-len 256 --micro-batch 8 --accum 1 --steps "$STEPS" --lr 2e-3 \
-    --precision "$PRECISION" --log-every 25 --eval-every 100 --ckpt-every 100
+    --precision "$PRECISION" --log-every 50 --eval-every 200 --ckpt-every 200
 
 echo "== 3/3 sample from the trained model"
 "${hpcllm[@]}" generate "$OUT" --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 0
