@@ -23,7 +23,8 @@ from dataclasses import replace
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hpcllm.model.gpt import PRESETS, GPTConfig  # noqa: E402
-from hpcllm.plan.devices import cpu_profile, has_native_bf16  # noqa: E402
+from hpcllm.plan.devices import cpu_profile  # noqa: E402
+from hpcllm.train.precision import cpu_has_fast_bf16  # noqa: E402
 from hpcllm.plan.layout import Cluster, evaluate  # noqa: E402
 from hpcllm.plan.measure import measure  # noqa: E402
 from hpcllm.plan.memory import Setup, Shape, stage_layers, stage_memory  # noqa: E402
@@ -54,7 +55,7 @@ def main():
 
     # ---- throughput: the CPU benchmark configuration
     cfg = PRESETS["small"]
-    precisions = ["fp32"] + (["bf16"] if has_native_bf16() else [])
+    precisions = ["fp32"] + (["bf16"] if cpu_has_fast_bf16() else [])
     rows = []
     for prec in precisions:
         shape = Shape.from_config(cfg)

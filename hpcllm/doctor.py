@@ -48,17 +48,10 @@ def torch_checks() -> list:
                                     f"nccl {'.'.join(map(str, torch.cuda.nccl.version()))}"))
     else:
         checks.append(Check("cuda", f"not available (torch built with CUDA {torch.version.cuda})"))
-    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else _cpu_has_fast_bf16()
+    from hpcllm.train.precision import cpu_has_fast_bf16
+    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
     checks.append(Check("bf16", "fast path available" if bf16 else "no native bf16 (fp32 or fp16 preferred)"))
     return checks
-
-
-def _cpu_has_fast_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def mpi_checks() -> list:
@@ -69,7 +62,7 @@ def mpi_checks() -> list:
     try:
         from mpi4py import MPI
         import mpi4py
-        lib = MPI.Get_library_version().strip().splitlines()[0]
+        lib = MPI.Get_library_version().replace("\x00", "").strip().splitlines()[0]
         checks.append(Check("mpi4py", f"{mpi4py.__version__}, MPI {'.'.join(map(str, MPI.Get_version()))}: {lib}"))
         # the same decision the pipeline engine makes (device buffers to MPI, or staged copies)
         from hpcllm.parallel.pipeline.transport import cuda_aware_mpi

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from hpcllm.errors import HpcllmError
+from hpcllm.train.precision import cpu_has_fast_bf16
 
 GiB = 1024**3
 GB = 1e9
@@ -143,16 +144,6 @@ def cpu_profile(measure: bool = True) -> DeviceProfile:
 _GEMM_CACHE: dict = {}
 
 
-def has_native_bf16() -> bool:
-    """Whether this CPU has bf16 matmul instructions (AMX or AVX512-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def measure_gemm_flops(seconds: float = 1.0) -> dict:
     """FLOP/s of a square matmul on this CPU in fp32 and bf16 (best of at least 5 runs).
 
@@ -168,7 +159,7 @@ def measure_gemm_flops(seconds: float = 1.0) -> dict:
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        n = 1024 if (name == "fp32" or has_native_bf16()) else 384
+        n = 1024 if (name == "fp32" or cpu_has_fast_bf16()) else 384
         a = torch.randn(n, n).to(dtype)
         b = torch.randn(n, n).to(dtype)
         a @ b  # warm-up: thread pool, kernel selection
