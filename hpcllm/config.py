@@ -389,11 +389,3 @@ def effective_config(cfg: TrainConfig, gpt_cfg=None, **extra) -> dict:
         d["model"] = gpt_cfg.to_dict()
     d.update(extra)
     return d
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    p = Path(path)
-    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, p)

@@ -44,6 +44,7 @@ from hpcllm.data.sources import (SourceOptions, iter_items, parse_inputs, parse_
                                  resolve_files, split_units)
 from hpcllm.data.tokenizer import load_tokenizer, token_dtype, tokenizer_manifest_entry
 from hpcllm.errors import HpcllmError
+from hpcllm.fileio import write_json_atomic
 
 WORK = ".work"
 PARTS = "parts"
@@ -642,13 +643,13 @@ class PartSink:
         self.tf.flush()
         self.df.flush()
         self.state["last_key"] = list(key)
-        shards_mod.write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
 
     def finish(self) -> dict:
         self.tf.close()
         self.df.close()
         self.state["done"] = True
-        shards_mod.write_json_atomic(self.state_path, self.state)
+        write_json_atomic(self.state_path, self.state)
         return {"part": self.dir, "task_id": self.state["task_id"], "num_tasks": self.state["num_tasks"],
                 "documents": self.state["docs"], "tokens": self.state["tokens"], "dropped": self.state["dropped"]}
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.fileio import write_json_atomic
 
 FORMAT = "hpcllm-dataset"
 VERSION = 1
@@ -154,16 +155,6 @@ def read_manifest(data_dir: str) -> dict:
     if m.get("version") != VERSION:
         raise HpcllmError(f"{path}: dataset version {m.get('version')} not supported (this hpcllm reads {VERSION})")
     return m
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_manifest(data_dir: str, manifest: dict) -> None:

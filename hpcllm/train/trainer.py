@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from hpcllm import exitcodes
-from hpcllm.config import TrainConfig, effective_config, resolve_model, write_json_atomic
+from hpcllm.config import TrainConfig, effective_config, resolve_model
+from hpcllm.fileio import write_json_atomic
 from hpcllm.errors import HpcllmError
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import MetricsLogger, device_peak_tflops, truncate_metrics
@@ -154,6 +155,15 @@ def tokenizer_file(info) -> Path | None:
 
 
 # --------------------------------------------------------------------------- the loop
+
+
+def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
+    """Rank 0 only: create RUN_DIR, drop stale checkpoint temp dirs, write the effective
+    config, and cut metrics.jsonl back to ``start_step`` (a resumed run reads as one run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_stale(run_dir)
+    write_json_atomic(run_dir / "config.json", config_json)
+    truncate_metrics(run_dir, start_step)
 
 
 def train(cfg: TrainConfig) -> int:
@@ -290,10 +300,7 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
                "threads_per_rank": torch.get_num_threads(), "horovod": dp.hvd is not None},
         horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")})
     if dp.is_root:  # rank 0 alone writes the run directory's shared files
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(run_dir)
-        write_json_atomic(run_dir / "config.json", config_json)
-        truncate_metrics(run_dir, start_step)
+        prepare_run_dir(run_dir, config_json, start_step)
     log(dp, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")

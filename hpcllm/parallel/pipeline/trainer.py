@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import torch
 
 from hpcllm import exitcodes
-from hpcllm.config import TrainConfig, effective_config, resolve_model, write_json_atomic
+from hpcllm.config import TrainConfig, effective_config, resolve_model
 from hpcllm.errors import HpcllmError
 from hpcllm.parallel.pipeline.partition import Partition, make_partition
 from hpcllm.parallel.pipeline.stage import TIED, PipelineStage, activation_dtype
@@ -337,11 +337,12 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
     from hpcllm.model.gpt import flops_per_token, param_count
     from hpcllm.parallel.topology import Topology
     from hpcllm.parallel.pipeline.engine import PipelineEngine
-    from hpcllm.train.metrics import MetricsLogger, device_peak_tflops, truncate_metrics
+    from hpcllm.train.metrics import MetricsLogger, device_peak_tflops
     from hpcllm.train.precision import LossScaler, autocast, clip_, resolve_precision
     from hpcllm.train.schedule import LRSchedule
     from hpcllm.train.stop import StopRequest
-    from hpcllm.train.trainer import (build_optimizer, check_resume_compat, setup_device, tokenizer_file,
+    from hpcllm.train.trainer import (build_optimizer, check_resume_compat, prepare_run_dir, setup_device,
+                                      tokenizer_file,
                                       trainer_state)
 
     run_dir = Path(cfg.out)
@@ -428,10 +429,7 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
                                    global_batch=global_batch, tokenizer_sha256=info.tokenizer_sha256,
                                    data_dir=os.path.abspath(d.path), pipeline=pipeline_info)
     if layout.is_root:  # rank 0 alone writes the run directory's shared files
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(run_dir)
-        write_json_atomic(run_dir / "config.json", config_json)
-        truncate_metrics(run_dir, start_step)
+        prepare_run_dir(run_dir, config_json, start_step)
     _log(layout, f"pipeline: {P} stages x {D} replicas, schedule {pc.schedule}, {M} micro-batches, "
          f"blocks per stage {part.counts()}{', recompute' if pc.recompute else ''}; "
          f"{torch.get_num_threads()} threads per rank")
