@@ -6,7 +6,10 @@ backward passes over ``M`` micro-batches, leaving the stage's parameter gradient
 accumulated in ``.grad`` (what ``--accum M`` leaves without stages).  Activations go to the
 next stage and activation gradients to the previous one through :class:`Channel` rings of
 preallocated buffers; sends are non-blocking and receives pre-posted, so transfers overlap
-compute.  It knows nothing about optimizers, data parallelism or checkpoints.
+compute.  It knows nothing about optimizers, data parallelism or checkpoints; the one hook
+for them is ``step(last_backward=...)``, a context wrapped around the stage's last backward
+of the step, the pass after which every parameter gradient is final (the pipeline trainer
+arms per-parameter gradient hooks in it to start the data-parallel allreduce early).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class PipelineEngine:
         self.stage, self.stages, self.M = stage, stages, microbatches
         self.first, self.last = stage == 0, stage == stages - 1
         self.program = S.build_schedule(schedule, stage, stages, microbatches)
+        #: index in ``program`` of the stage's last backward: when it ends, gradients are final
+        self.last_bwd = max(k for k, ins in enumerate(self.program) if ins.op == S.BWD)
         self.device = torch.device(device)
         self.autocast = autocast or contextlib.nullcontext
         self.stats = StepStats()
@@ -67,7 +72,7 @@ class PipelineEngine:
             self.from_prev = Channel(comm, stage - 1, act_shape, act_dtype, device, TAG_FWD, slots, timeout)
             self.to_prev = Channel(comm, stage - 1, act_shape, act_dtype, device, TAG_BWD, slots, timeout)
 
-    def step(self, batches=None, loss_scale: float = 1.0):
+    def step(self, batches=None, loss_scale: float = 1.0, last_backward=None):
         """Forward and backward over the ``M`` micro-batches of one step.
 
         ``batches``: list of ``M`` ``(x, y)`` on the first and last stage (the first uses
@@ -75,6 +80,11 @@ class PipelineEngine:
         ``M`` and multiplied by ``loss_scale`` before backward, so gradients equal those of
         the mean loss over the step's batch (times the scale).  Returns the mean loss over
         the micro-batches on the last stage, None elsewhere.
+
+        ``last_backward``: a zero-argument context-manager factory entered around the
+        stage's last backward pass of the step (``program[last_bwd]``), during which each
+        parameter's gradient reaches its final value for the step (e.g. to arm
+        ``register_post_accumulate_grad_hook`` hooks that start its allreduce).
         """
         M = self.M
         if (self.first or self.last) and (batches is None or len(batches) != M):
@@ -91,7 +101,7 @@ class PipelineEngine:
         live = peak = 0
         t_step = time.perf_counter()
         channels = [ch for ch in (self.to_next, self.from_next, self.to_prev, self.from_prev) if ch is not None]
-        for ins in self.program:
+        for k, ins in enumerate(self.program):
             op, mb = ins.op, ins.mb
             if op in (S.FWD, S.BWD):
                 for ch in channels:  # kick pending transfers before computing for a while
@@ -122,10 +132,13 @@ class PipelineEngine:
                 wait += time.perf_counter() - t0
             elif op == S.BWD:
                 out = outputs.pop(mb)
-                if self.last:
-                    (out * (loss_scale / M)).backward()
-                else:
-                    torch.autograd.backward(out, grads.pop(mb))
+                around = last_backward if k == self.last_bwd and last_backward else contextlib.nullcontext
+                with around():
+                    if self.last:
+                        (out * (loss_scale / M)).backward()
+                    else:
+                        torch.autograd.backward(out, grads.pop(mb))
+                if not self.last:
                     self.from_next.release(mb)
                 if self.first:
                     inputs.pop(mb, None)

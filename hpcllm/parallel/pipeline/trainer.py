@@ -6,11 +6,16 @@ stage are P ranks apart (spanning nodes).  One optimizer step, on every rank::
 
     stage 0 and the last stage read the step's batch: the loader with accum=M,
         dp_rank=dp_index, dp_size=D, i.e. exactly the batches of `--accum M` without stages
-    engine.step: the schedule's forwards/backwards over M micro-batches, p2p between stages
-    tied embedding: first and last stage sum their copies' gradients (2-rank allreduce)
-    DP: each stage's gradients averaged over its D replicas (Horovod process set per stage)
+    engine.step: the schedule's forwards/backwards over M micro-batches, p2p between stages;
+        DP, overlapped: during the stage's last backward each parameter's gradient, once
+        final, starts its async in-place Horovod allreduce (Average over the stage's D
+        replicas, one process set per stage; fp16-compressed with --grad-compression fp16)
+    wait for the DP allreduces (polling their handles); no-op with D = 1
+    tied embedding: first and last stage sum their copies' (averaged) gradients (2-rank
+        allreduce; averaging over D and summing over the pair commute)
     unscale (fp16); one world allreduce: squared grad norm (each stage counted once, the
-        tied matrix once), loss (from the last stage), non-finite flags, stop requests
+        tied matrix once), loss (from the last stage), non-finite flags, stop requests,
+        per stage the share of DP allreduces overlapped with the backward (dp_overlap)
     same decisions everywhere: fail on NaN loss, skip on fp16 overflow, else clip with the
         global norm and step; LR schedule, metrics, eval, checkpoints as in DP training
 
@@ -19,6 +24,7 @@ protocol and stop requests are the DP trainer's (:mod:`hpcllm.train.trainer`), r
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -98,18 +104,45 @@ def make_layout(comm, stages: int) -> PipelineLayout:
 class StageAllreduce:
     """Averages a stage's gradients over its D replicas with Horovod, one process set per
     stage (built from the layout's DP groups; Horovod goes hierarchical across nodes when
-    HOROVOD_HIERARCHICAL_ALLREDUCE is set).  With D = 1 it does nothing and Horovod is not
-    even initialised."""
+    HOROVOD_HIERARCHICAL_ALLREDUCE is set), overlapped with the stage's last backward pass.
 
-    def __init__(self, layout: PipelineLayout, pcfg):
+    Each trainable parameter gets a ``register_post_accumulate_grad_hook`` that is armed
+    only inside :meth:`overlap` (the engine's ``last_backward`` context): when the last
+    micro-batch's backward has accumulated a parameter's final gradient, the hook starts its
+    asynchronous in-place allreduce (op Average, named ``hpcllm.pp.grad.<parameter name>``
+    on every replica; Horovod matches tensors by name and fuses those ready in the same
+    cycle), while autograd goes on with the earlier layers.  :meth:`finish` then starts any
+    gradient the hooks did not see, polls every handle to completion and, with
+    ``compression="fp16"``, writes the decompressed averages back into ``.grad``
+    (``hvd.Compression.fp16``: compress before the allreduce, decompress after).
+
+    With D = 1 it does nothing: no hooks, no Horovod (not even initialised)."""
+
+    def __init__(self, layout: PipelineLayout, pcfg, named_params=(), compression: str = "none"):
         self.hvd = None
         self.process_set = None
+        self.compression = None
+        #: in flight this step: name -> (handle, parameter, tensor on the wire, compression ctx)
+        self.inflight: dict = {}
+        self.armed = False
+        #: of the last step: allreduces started inside the last backward, of those the ones
+        #: already complete when it ended, all started, and seconds :meth:`finish` waited
+        self.started_in_backward = self.done_in_backward = self.started = 0
+        self.wait_s = 0.0
         if layout.dp_size == 1:
             return
         try:
             import horovod.torch as hvd
         except ImportError:
             raise HpcllmError(f"{layout.dp_size} pipeline replicas need Horovod (scripts/install.sh builds it)") from None
+        self.hvd = hvd
+        self.process_set = self._process_set(hvd, layout, pcfg)
+        self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+        self.params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.hooks = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params]
+
+    @staticmethod
+    def _process_set(hvd, layout: PipelineLayout, pcfg):
         from hpcllm.parallel.data_parallel import horovod_env
 
         mine = layout.stage_ranks(layout.stage)
@@ -122,19 +155,64 @@ class StageAllreduce:
             except KeyError:
                 ps = None
             if ps is not None and ps.process_set_id is not None:
-                self.hvd, self.process_set = hvd, ps
-                return
+                return ps
             hvd.shutdown()
         os.environ.update(horovod_env(pcfg))
         sets = [hvd.ProcessSet(layout.stage_ranks(s)) for s in range(layout.stages)]
         hvd.init(process_sets=sets)
-        self.hvd, self.process_set = hvd, sets[layout.stage]
+        return sets[layout.stage]
 
-    def average_(self, grads: list[torch.Tensor]) -> None:
-        if self.hvd is None or not grads:
+    # ---- during the last backward
+    @contextlib.contextmanager
+    def overlap(self):
+        """The engine's ``last_backward``: gradient hooks start allreduces while inside."""
+        if self.hvd is None:
+            yield
             return
-        self.hvd.grouped_allreduce_(grads, op=self.hvd.Average, process_set=self.process_set,
-                                    name="hpcllm.pp.grads")
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+            self.started_in_backward = len(self.inflight)
+            self.done_in_backward = sum(1 for h, *_ in self.inflight.values() if self.hvd.poll(h))
+
+    def _hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if self.armed:
+                self._start(name, p)
+        return hook
+
+    def _start(self, name: str, p: torch.Tensor) -> None:
+        if name in self.inflight:  # a second accumulation after the allreduce began
+            raise RuntimeError(f"gradient of {name} accumulated twice in the last backward pass")
+        g = p.grad
+        wire, ctx = self.compression.compress(g if g.is_contiguous() else g.contiguous())
+        handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.pp.grad.{name}", op=self.hvd.Average,
+                                           process_set=self.process_set)
+        self.inflight[name] = (handle, p, wire, ctx)
+
+    # ---- after the engine's step
+    def finish(self) -> None:
+        """Every gradient averaged over the replicas, in ``.grad``, when this returns."""
+        if self.hvd is None:
+            return
+        t0 = time.perf_counter()
+        for name, p in self.params:  # gradients the hooks missed, in the same order everywhere
+            if p.grad is not None and name not in self.inflight:
+                self._start(name, p)
+        self.started = len(self.inflight)
+        from hpcllm.parallel.data_parallel import POLL_INTERVAL_S
+
+        for handle, p, wire, ctx in self.inflight.values():
+            # poll rather than hvd.synchronize's 1 ms sleeps (see data_parallel.poll_until_done)
+            while not self.hvd.poll(handle):
+                time.sleep(POLL_INTERVAL_S)
+            out = self.compression.decompress(self.hvd.synchronize(handle), ctx)
+            if out is not p.grad:  # compressed or made contiguous: write the average back
+                p.grad.copy_(out)
+        self.inflight.clear()
+        self.wait_s = time.perf_counter() - t0
 
 
 def _np(t: torch.Tensor):
@@ -390,7 +468,7 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
     optimizer = build_optimizer(stage.named_parameters(), o, fused=device.type == "cuda")
     schedule = LRSchedule(o, cfg.steps)
     scaler = LossScaler(precision == "fp16", cfg.precision.loss_scale, cfg.precision.loss_scale_window)
-    allreduce = StageAllreduce(layout, pc)
+    allreduce = StageAllreduce(layout, pc, stage.named_parameters(), pc.grad_compression)
 
     loader = None
     if layout.first or layout.last:
@@ -436,6 +514,9 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
     _log(layout, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, d_model {gpt_cfg.d_model}, "
          f"{param_count(gpt_cfg) / 1e6:.2f}M parameters; precision {precision} on {device}; "
          f"global batch {global_batch} sequences (micro-batch {d.micro_batch} x {M} x {D} replicas)")
+    if pc.grad_compression != "none" and D == 1:
+        _log(layout, f"--grad-compression {pc.grad_compression}: no effect with 1 pipeline replica "
+             f"(no data-parallel allreduce)")
     if resume_dir is not None:
         _log(layout, f"resumed from {resume_dir} at step {start_step}")
 
@@ -476,16 +557,22 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
             t0 = time.perf_counter()
             lr = schedule.apply(optimizer, step)
             batches = loader.next_batch() if loader is not None else None
-            loss = engine.step(batches, loss_scale=scaler.scale)
+            # the DP allreduces start inside the last backward, as each gradient becomes final
+            loss = engine.step(batches, loss_scale=scaler.scale, last_backward=allreduce.overlap)
+            allreduce.finish()  # the tied copies are averaged over D before they are summed
             sum_tied_grad(layout, stage)
-            allreduce.average_([p.grad for p in params if p.grad is not None])
             scaler.unscale_(params)
             sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in norm_params if p.grad is not None)
             bad = layout.last and not math.isfinite(loss)
             # one small allreduce over the world: replicas of a stage hold equal (averaged)
-            # gradients, hence the /D; only the last stage has a loss
-            tot = np.array([sq / D, (loss / D) if (layout.last and not bad) else 0.0, float(bad),
-                            float(stop.requested)])
+            # gradients, hence the /D; only the last stage has a loss; then per stage the
+            # shares of its DP allreduces started inside the last backward and complete when
+            # it ended (means over the replicas; logged as dp_overlap, dp_done_in_bwd)
+            tot = np.zeros(4 + 2 * P)
+            tot[:4] = [sq / D, (loss / D) if (layout.last and not bad) else 0.0, float(bad), float(stop.requested)]
+            if allreduce.started:
+                tot[4 + layout.stage] = allreduce.started_in_backward / allreduce.started / D
+                tot[4 + P + layout.stage] = allreduce.done_in_backward / allreduce.started / D
             layout.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
             norm = math.sqrt(tot[0]) if math.isfinite(tot[0]) else float("inf")
             n_bad, want_stop = int(tot[2]), bool(tot[3] > 0)
@@ -512,13 +599,16 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 grad_norm_value = norm
             scaler.update(overflow)
-            metrics.step(agreed_loss, time.perf_counter() - t0)
+            metrics.step(agreed_loss, time.perf_counter() - t0, allreduce.wait_s)
             done = step + 1
 
             record = {}
             if done % lg.log_every == 0 or done == cfg.steps or want_stop:
                 record.update(lr=lr, grad_norm=grad_norm_value, skipped=skipped_in_interval,
                               bubble=engine.stats.bubble)
+                if D > 1:  # per stage, of the DP allreduces: started in / done by the end of the last backward
+                    record["dp_overlap"] = [round(float(x), 4) for x in tot[4:4 + P]]
+                    record["dp_done_in_bwd"] = [round(float(x), 4) for x in tot[4 + P:]]
                 if scaler.enabled:
                     record["loss_scale"] = scaler.scale
                 skipped_in_interval = 0

@@ -21,6 +21,8 @@ def test_toy_pipeline_matches_single_process(P, schedule, M):
         assert r["max_grad_diff"] < 1e-6, (s, r)
         # 1F1B holds at most P - s micro-batches of activations, GPipe all M
         assert r["peak_live"] == (min(P - s, M) if schedule == "1f1b" else M)
+        # last_backward wraps the one backward after which all gradients are final
+        assert r["last_backward_ok"], s
     assert res.results[1]["bits_ok"] == {"torch.bfloat16": True, "torch.float16": True}
 
 

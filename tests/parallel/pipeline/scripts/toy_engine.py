@@ -2,9 +2,12 @@
 
 Every rank builds the whole toy model (it is tiny) with the same seed, runs its own stage
 through the engine and reports its stage's gradients next to the single-process ones.
-Also sends bf16/fp16 tensors through a Channel and reports whether the bits arrived intact.
+Also sends bf16/fp16 tensors through a Channel and reports whether the bits arrived intact,
+and checks the engine's ``last_backward`` context: entered once per step, around the backward
+in which every parameter's gradient reaches its final value (what the trainer's DP overlap needs).
 """
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -56,6 +59,27 @@ stage = Stage(layers[2 * rank:2 * rank + 2], rank == P - 1)
 eng = PipelineEngine(stage, comm, rank, P, a.schedule, M, (B, D), torch.float32, timeout=a.timeout)
 batches = list(zip(xs, ys))
 losses = []
+
+# post-accumulate hooks armed only inside last_backward record each gradient as they see it
+entered, seen = [], {}
+armed = [False]
+
+
+@contextlib.contextmanager
+def last_backward():
+    entered.append(True)
+    armed[0] = True
+    try:
+        yield
+    finally:
+        armed[0] = False
+
+
+for n, prm in stage.named_parameters():
+    prm.register_post_accumulate_grad_hook(
+        lambda q, n=n: seen.__setitem__(n, seen.get(n, 0) + 1) if armed[0] else None)
+    prm.register_post_accumulate_grad_hook(
+        lambda q, n=n: seen.__setitem__(n + ".grad", q.grad.clone()) if armed[0] else None)
 for step in range(2):
     if step == 1 and rank == a.die_at:
         import os
@@ -67,12 +91,15 @@ for step in range(2):
         import time
         time.sleep(3600)
     try:
-        losses.append(eng.step(batches))
+        losses.append(eng.step(batches, last_backward=last_backward if step == 0 else None))
     except Exception as e:  # what the trainer does: never leave the peers hanging
         print(f"rank {rank}: {e}", file=sys.stderr, flush=True)
         comm.Abort(4)
     if step == 0:
         grads = [p.grad.clone() for p in stage.parameters()]
+        # every gradient seen once, inside the one last_backward, already at its final value
+        hook_ok = len(entered) == 1 and all(
+            seen.get(n) == 1 and torch.equal(seen[n + ".grad"], p.grad) for n, p in stage.named_parameters())
         stage.zero_grad()
 comm.Barrier()
 
@@ -101,5 +128,5 @@ if P >= 2 and rank < 2:
 report({
     "losses": losses, "ref_loss": ref_loss,
     "max_grad_diff": max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)),
-    "peak_live": eng.stats.peak_live, "bits_ok": bits_ok,
+    "peak_live": eng.stats.peak_live, "bits_ok": bits_ok, "last_backward_ok": hook_ok,
 })
