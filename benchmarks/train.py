@@ -431,12 +431,7 @@ def train_run(data: Path, out: Path, np_: int, threads: int, precision: str, ste
               extra_env: dict | None = None, extra_args: tuple = ()) -> dict:
     """``hpcllm train`` (under mpirun for np_ > 1) on the fixed shape; throughput from metrics.jsonl,
     the first log interval (warm-up, allocator, Horovod negotiation) left out."""
-    s = SHAPE
-    args = [sys.executable, "-m", "hpcllm", "train", "--data", str(data), "--out", str(out), "--model", "small",
-            "--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--d-model", str(s["d_model"]),
-            "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--accum", "1",
-            "--steps", str(steps), "--precision", precision, "--log-every", str(log_every),
-            "--eval-every", "0", "--ckpt-every", "0", "--threads", str(threads), "--warmup", "0", *extra_args]
+    args = _train_args(data, out, threads, precision, steps, log_every, extra_args)
     env = {"OMP_NUM_THREADS": str(threads), **(extra_env or {})}
     t0 = time.perf_counter()
     if np_ == 1:
@@ -445,7 +440,39 @@ def train_run(data: Path, out: Path, np_: int, threads: int, precision: str, ste
             raise RuntimeError(f"hpcllm train failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     else:
         _mpirun(np_, args, env=env, timeout=900)
+    return _metrics_summary(out, np_, threads, precision, time.perf_counter() - t0)
+
+
+def _train_args(data: Path, out: Path, threads: int, precision: str, steps: int, log_every: int,
+                extra_args: tuple = ()) -> list:
+    s = SHAPE
+    return [sys.executable, "-m", "hpcllm", "train", "--data", str(data), "--out", str(out), "--model", "small",
+            "--n-layer", str(s["n_layer"]), "--n-head", str(s["n_head"]), "--d-model", str(s["d_model"]),
+            "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--accum", "1",
+            "--steps", str(steps), "--precision", precision, "--log-every", str(log_every),
+            "--eval-every", "0", "--ckpt-every", "0", "--threads", str(threads), "--warmup", "0", *extra_args]
+
+
+def train_pair(data: Path, out: Path, threads: int, precision: str, steps: int, log_every: int) -> dict:
+    """Two independent 1-rank ``hpcllm train`` processes at the same time (no MPI, no
+    Horovod): the weak-scaling ceiling of the machine itself (shared memory bandwidth, caches,
+    clock), against which the 2-rank run's communication overhead is judged."""
+    env = _env({"OMP_NUM_THREADS": str(threads)})
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(_train_args(data, out / f"p{i}", threads, precision, steps, log_every), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"hpcllm train failed:\n{err[-3000:]}")
     wall = time.perf_counter() - t0
+    runs = [_metrics_summary(out / f"p{i}", 1, threads, precision, wall) for i in range(2)]
+    return {"tokens_per_s": sum(r["tokens_per_s"] for r in runs),
+            "step_time_s": statistics.mean(r["step_time_s"] for r in runs), "ranks": 2, "threads": threads,
+            "precision": precision, "wall_s": wall, "runs": runs}
+
+
+def _metrics_summary(out: Path, np_: int, threads: int, precision: str, wall: float) -> dict:
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     recs = [r for r in recs if r.get("tokens_per_s")]
     if len(recs) < 2:
@@ -470,17 +497,20 @@ def run_step(quick: bool, repeats: int, force_bf16: bool = False) -> dict:
     (unless ``force_bf16``) and the matmul speed ratio is reported instead."""
     steps, log_every = (12, 4) if quick else (30, 5)
     base_steps = 8 if quick else 20
-    precisions = ["fp32", "bf16"] if (force_bf16 or _fast_bf16()) else ["fp32"]
+    precisions = ["fp32", "bf16", "bf16+compile"] if (force_bf16 or _fast_bf16()) else ["fp32"]
     out = {"baseline": [], **{p: [] for p in precisions}}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
         for rep in range(repeats):
             out["baseline"].append(bench_baseline(base_steps, 3, threads=2))
             print(f"  step baseline rep {rep}: {out['baseline'][-1]['tokens_per_s']:.0f} tok/s", flush=True)
-            for prec in precisions:
+            for name in precisions:
+                prec, _, comp = name.partition("+")
                 st, le = (steps, log_every) if prec == "fp32" or _fast_bf16() else (4, 1)
-                out[prec].append(train_run(data, Path(tmp) / f"{prec}-{rep}", 1, 2, prec, st, le))
-                print(f"  step hpcllm {prec} rep {rep}: {out[prec][-1]['tokens_per_s']:.0f} tok/s", flush=True)
+                # the first log interval (compilation, warm-up) is left out of the rate
+                out[name].append(train_run(data, Path(tmp) / f"{prec}{comp}-{rep}", 1, 2, prec, st, le,
+                                           extra_args=("--compile",) if comp else ()))
+                print(f"  step hpcllm {name} rep {rep}: {out[name][-1]['tokens_per_s']:.0f} tok/s", flush=True)
     summary = {k: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in v), "runs": v} for k, v in out.items()}
     b = summary["baseline"]["tokens_per_s"]
     for k in precisions:
@@ -488,6 +518,13 @@ def run_step(quick: bool, repeats: int, force_bf16: bool = False) -> dict:
     summary["cpu_capability"] = _cpu_capability()
     summary["fast_bf16"] = _fast_bf16()
     summary["matmul_gflops"] = matmul_speed()
+    if _fast_bf16() or force_bf16:
+        mb = matmul_bound(threads=2)
+        summary["matmul_bound"] = mb
+        # the best bf16 could do if everything but the matmuls took no time
+        summary["matmul_bound"]["ceiling_vs_baseline"] = (
+            summary["baseline"]["tokens_per_s"] and
+            (SHAPE["micro_batch"] * SHAPE["seq_len"] / mb["bf16_s"]) / summary["baseline"]["tokens_per_s"])
     if "bf16" not in precisions:
         summary["bf16"] = {"skipped": "no AMX/AVX512-BF16 on this CPU: bf16 matmuls run at "
                                       f"{summary['matmul_gflops']['bf16']:.1f} GFLOP/s vs fp32 "
@@ -513,6 +550,47 @@ def matmul_speed(threads: int = 2) -> dict:
     return res
 
 
+def matmul_bound(threads: int = 2, repeats: int = 5) -> dict:
+    """Seconds the matmuls of one training step of the fixed shape take alone, in fp32 and
+    bf16: every linear's forward (x W^T), input gradient (dy W) and weight gradient (dy^T x),
+    the tied head included, plus attention's four batched matmuls forward and backward.
+    Everything else (norms, GELU, softmax, casts, optimizer) is left out, so the bf16 time
+    bounds how fast a bf16 step can be on this CPU."""
+    import torch
+
+    torch.set_num_threads(threads)
+    s = SHAPE
+    n, d, T, H = s["micro_batch"] * s["seq_len"], s["d_model"], s["seq_len"], s["n_head"]
+    vocab = -(-s["vocab_size"] // 64) * 64
+    linears = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * s["n_layer"] + [(d, vocab)]
+    res = {}
+    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        xs = {k: torch.randn(n, k, dtype=dt) for k in {a for a, _ in linears} | {b for _, b in linears}}
+        ws = [torch.randn(o, i, dtype=dt) for i, o in linears]
+        q = torch.randn(s["micro_batch"] * H, T, d // H, dtype=dt)
+        p = torch.randn(s["micro_batch"] * H, T, T, dtype=dt)
+
+        def step():
+            for (i, o), w in zip(linears, ws):
+                torch.mm(xs[i], w.t())              # forward
+                torch.mm(xs[o], w)                  # input gradient (xs[o] stands for dy)
+                torch.mm(xs[o].t(), xs[i])          # weight gradient
+            for _ in range(s["n_layer"]):
+                for _ in range(2):                  # forward: q k^T, p v; backward: 4 more
+                    torch.bmm(q, q.transpose(1, 2))
+                    torch.bmm(p, q)
+                    torch.bmm(p.transpose(1, 2), q)
+
+        step()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        res[f"{name}_s"] = min(times)
+    return res
+
+
 def _cpu_capability() -> str:
     import torch
 
@@ -532,14 +610,16 @@ def run_dp(quick: bool, repeats: int, precision: str) -> dict:
     2-rank run at hpcllm's default Horovod cycle time and at 0.1 ms (the allreduce
     microbenchmark's best), which shows what the background thread costs a CPU step."""
     steps, log_every = (10, 3) if quick else (24, 4)
-    layouts = {"1x1": (1, ()), "2x1": (2, ()), "2x1 cycle 0.1ms": (2, ("--cycle-time-ms", "0.1"))}
+    layouts = {"1x1": (1, ()), "2x1": (2, ()), "2x1 cycle 0.1ms": (2, ("--cycle-time-ms", "0.1")),
+               "2 independent": (0, ())}
     out = {k: [] for k in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
         for rep in range(repeats):
             for i, (name, (np_, extra)) in enumerate(layouts.items()):
-                out[name].append(train_run(data, Path(tmp) / f"dp{i}-{rep}", np_, 1, precision, steps, log_every,
-                                           extra_args=extra))
+                where = Path(tmp) / f"dp{i}-{rep}"
+                out[name].append(train_pair(data, where, 1, precision, steps, log_every) if np_ == 0 else
+                                 train_run(data, where, np_, 1, precision, steps, log_every, extra_args=extra))
                 print(f"  dp {name} rep {rep}: {out[name][-1]['tokens_per_s']:.0f} tok/s, step "
                       f"{out[name][-1]['step_time_s']:.2f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in out.items()}
@@ -549,6 +629,9 @@ def run_dp(quick: bool, repeats: int, precision: str) -> dict:
     res = {"precision": precision, "tokens_per_s_1x1": one, "tokens_per_s_2x1": two,
            "tokens_per_s_2x1_cycle0.1": med["2x1 cycle 0.1ms"], "efficiency": two / (2 * one),
            "efficiency_cycle0.1": med["2x1 cycle 0.1ms"] / (2 * one),
+           "tokens_per_s_independent": med["2 independent"],
+           "machine_ceiling": med["2 independent"] / (2 * one),
+           "efficiency_vs_ceiling": two / med["2 independent"],
            "step_time_s_2x1": statistics.median(st) if st else None, "runs": out}
     if sync and res["step_time_s_2x1"]:
         # measured inside training: time waiting for the gradient allreduce after backward
@@ -562,11 +645,17 @@ def step_table(st: dict) -> str:
              f"(CPU: {st.get('cpu_capability')})",
              f"{'loop':<44}{'tokens/s':>10}{'x baseline':>12}", "-" * 66,
              f"{'plain PyTorch (nanoGPT-style, fp32, AdamW)':<44}{st['baseline']['tokens_per_s']:>10.0f}{1.0:>12.2f}"]
-    for k in ("fp32", "bf16"):
+    for k in ("fp32", "bf16", "bf16+compile"):
+        label = "hpcllm train " + k.replace("+compile", " --compile")
         if "skipped" in st.get(k, {}):
-            lines.append(f"{'hpcllm train ' + k:<44}{'skipped':>10}{'':>12}   ({st[k]['skipped']})")
+            lines.append(f"{label:<44}{'skipped':>10}{'':>12}   ({st[k]['skipped']})")
         elif k in st:
-            lines.append(f"{'hpcllm train ' + k:<44}{st[k]['tokens_per_s']:>10.0f}{st[k]['vs_baseline']:>12.2f}")
+            lines.append(f"{label:<44}{st[k]['tokens_per_s']:>10.0f}{st[k]['vs_baseline']:>12.2f}")
+    mb = st.get("matmul_bound")
+    if mb:
+        tok = SHAPE["micro_batch"] * SHAPE["seq_len"]
+        lines.append(f"{'ceiling: the step matmuls alone, bf16':<44}{tok / mb['bf16_s']:>10.0f}"
+                     f"{mb['ceiling_vs_baseline']:>12.2f}   (fp32 matmuls alone: {tok / mb['fp32_s']:.0f} tok/s)")
     return "\n".join(lines)
 
 
@@ -576,6 +665,10 @@ def dp_table(dp: dict, ar: dict | None) -> str:
              f"{'1 rank x 1 thread':<30}{dp['tokens_per_s_1x1']:>10.0f}",
              f"{'2 ranks x 1 thread (mpirun)':<30}{dp['tokens_per_s_2x1']:>10.0f}   efficiency "
              f"{dp['efficiency']:.2f} (goal >= 0.9)"]
+    if "tokens_per_s_independent" in dp:
+        lines.append(f"{'2 independent 1-rank processes':<30}{dp['tokens_per_s_independent']:>10.0f}   machine "
+                     f"ceiling {dp['machine_ceiling']:.2f}; the 2-rank run reaches "
+                     f"{dp['efficiency_vs_ceiling']:.2f} of it")
     if "tokens_per_s_2x1_cycle0.1" in dp:
         lines.append(f"{'  same, HOROVOD_CYCLE_TIME 0.1':<30}{dp['tokens_per_s_2x1_cycle0.1']:>10.0f}   efficiency "
                      f"{dp['efficiency_cycle0.1']:.2f}")
@@ -608,7 +701,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(RESULTS), help="JSON results path")
     p.add_argument("--step-repeats", type=int, default=2, help="interleaved repeats of the step part")
     p.add_argument("--dp-repeats", type=int, default=2, help="interleaved repeats of the dp part")
-    p.add_argument("--dp-precision", default="fp32", help="precision of the dp part")
+    p.add_argument("--dp-precision", default="auto",
+                   help="precision of the dp part (auto: bf16 where the CPU has fast bf16, like hpcllm train)")
     p.add_argument("--force-bf16", action="store_true", help="run the bf16 step even without fast bf16 (slow)")
     args = p.parse_args(argv)
     if args.worker == "allreduce":
@@ -635,7 +729,8 @@ def main(argv=None) -> int:
     if "allreduce" in results:
         tables.append(allreduce_table(results["allreduce"]))
     if "dp" in parts:
-        results["dp"] = run_dp(args.quick, args.dp_repeats, args.dp_precision)
+        prec = args.dp_precision if args.dp_precision != "auto" else ("bf16" if _fast_bf16() else "fp32")
+        results["dp"] = run_dp(args.quick, args.dp_repeats, prec)
     if "dp" in results:
         dp = results["dp"]
         ar = results.get("allreduce")

@@ -91,11 +91,13 @@ class PrecisionConfig:
 
 @dataclass
 class ParallelConfig:
-    """Devices, threads, Horovod knobs and pipeline layout."""
+    """Devices, threads, compilation, Horovod knobs and pipeline layout."""
 
     device: str = opt("auto", "auto (cuda if available), cpu or cuda; with cuda each rank uses GPU local_rank.",
                       choices=("auto", "cpu", "cuda"))
     threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].")
+    compile: bool = opt(False, "torch.compile each transformer block (fuses norms, GELU and casts around the "
+                        "matmuls; costs 20-60 s at the first step of each process).")
     grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
     fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
     cycle_time_ms: float = opt(2.0, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME). 2 ms suits CPU "
@@ -105,8 +107,9 @@ class ParallelConfig:
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
                                        "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
-    stall_check_s: float = opt(60.0, "Warn when ranks have not joined a collective for this many seconds.")
-    stall_shutdown_s: float = opt(120.0, "Abort the job when a collective stalls this long (a dead rank).")
+    stall_check_s: float = opt(60.0, "Warn when a rank has waited this many seconds for the others in a collective.")
+    stall_shutdown_s: float = opt(120.0, "End the job when a rank waits this long for the others in a collective "
+                                  "or a pipeline transfer (a dead or frozen rank).")
     pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).")
     schedule: str = opt("1f1b", "Pipeline schedule.", choices=("1f1b", "gpipe"))
     microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum].")

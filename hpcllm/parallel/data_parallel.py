@@ -75,6 +75,12 @@ class DataParallel:
     cross_rank: int = 0
     cross_size: int = 1
     hvd: object = None  # the horovod.torch module, or None for a lone process
+    watchdog: object = None
+    """A :class:`~hpcllm.parallel.watchdog.Watchdog` timing every wait on the other ranks
+    (collectives below, except the checkpoint barrier: rank 0 writes files meanwhile)."""
+
+    def _waiting(self, what: str):
+        return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
 
     @property
     def distributed(self) -> bool:
@@ -104,8 +110,9 @@ class DataParallel:
     def synchronize(self, optimizer) -> None:
         """Wait for the gradient allreduces (so they can be unscaled and clipped)."""
         if self.distributed:
-            poll_until_done(self.hvd, optimizer)
-            optimizer.synchronize()
+            with self._waiting("the gradient allreduce"):
+                poll_until_done(self.hvd, optimizer)
+                optimizer.synchronize()
 
     def step(self, optimizer) -> None:
         """``optimizer.step()`` after :meth:`synchronize`, without a second synchronize."""
@@ -127,7 +134,8 @@ class DataParallel:
     def broadcast_model(self, model) -> None:
         """Parameters and buffers of rank 0 everywhere (initial values or a loaded checkpoint)."""
         if self.hvd is not None and self.size > 1:
-            self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+            with self._waiting("the broadcast of the parameters"):
+                self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     def broadcast_optimizer_state(self, optimizer) -> None:
         """Rank 0's optimizer state tensors everywhere, in place.
@@ -148,7 +156,8 @@ class DataParallel:
                 for key in sorted(st):
                     v = st[key]
                     if torch.is_tensor(v):
-                        hvd.broadcast_(v, root_rank=0, name=f"hpcllm.optstate.{i}.{key}")
+                        with self._waiting("the broadcast of the optimizer state"):
+                            hvd.broadcast_(v, root_rank=0, name=f"hpcllm.optstate.{i}.{key}")
                 i += 1
 
     # ---------------------------------------------------------------- collectives
@@ -156,13 +165,15 @@ class DataParallel:
         """Sum of ``t`` over ranks (a new tensor)."""
         if self.hvd is None or self.size == 1:
             return t.clone()
-        return self.hvd.allreduce(t, op=self.hvd.Sum, name=name)
+        with self._waiting(f"allreduce {name}"):
+            return self.hvd.allreduce(t, op=self.hvd.Sum, name=name)
 
     def allgather(self, t: torch.Tensor, name: str = "hpcllm.gather") -> torch.Tensor:
         """Concatenation of every rank's ``t`` along dim 0, in rank order."""
         if self.hvd is None or self.size == 1:
             return t.clone()
-        return self.hvd.allgather(t, name=name)
+        with self._waiting(f"allgather {name}"):
+            return self.hvd.allgather(t, name=name)
 
     def barrier(self) -> None:
         if self.hvd is not None and self.size > 1:
@@ -211,6 +222,10 @@ def init_data_parallel(pcfg) -> DataParallel:
         dp = DataParallel(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
                           local_size=hvd.local_size(), cross_rank=hvd.cross_rank(),
                           cross_size=hvd.cross_size(), hvd=hvd)
+        if dp.size > 1:
+            from hpcllm.parallel.watchdog import Watchdog
+
+            dp.watchdog = Watchdog(dp.rank, pcfg.stall_shutdown_s, pcfg.stall_check_s)
     set_threads(pcfg, dp.local_size)
     return dp
 

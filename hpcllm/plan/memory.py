@@ -13,7 +13,7 @@ QKV input, attention-projection input    2 sbh                  matmul (bf16)
 Q, K, V (kept by attention)              3 sbh                  matmul
 MLP input                                1 sbh                  matmul
 GELU input, MLP-projection input         8 sbh                  matmul
-attention scores (non-flash only)        a s^2 b (x2 +mask)     matmul
+attention probabilities (non-flash)     a s^2 b                matmul
 ======================================  =====================  ====================
 
 so ``sbh (2 e_res + 14 e_mm)`` bytes per layer: 64 sbh in fp32 and 36 sbh with bf16 autocast
@@ -21,7 +21,8 @@ so ``sbh (2 e_res + 14 e_mm)`` bytes per layer: 64 sbh in fp32 and 36 sbh with b
 ``sbh (34 + 5 a s / h)`` is the same count for pure 16-bit activations (2*2 + 2*14 = 32) plus
 two 1-byte dropout masks, plus the materialised attention scores; hpcllm has no dropout and
 uses ``scaled_dot_product_attention`` (flash kernels keep only a log-sum-exp per row), so the
-``5 a s / h`` term is absent. With full recomputation a layer keeps only its input (``sbh e_res``,
+``5 a s / h`` term is absent, except on CPUs in bf16/fp16 for sequences up to 512 tokens, where
+hpcllm's attention is two matmuls that keep the softmax output (``a s^2 b`` 16-bit elements). With full recomputation a layer keeps only its input (``sbh e_res``,
 Korthikanti's ``2 sbh`` in 16-bit) and one layer's activations are rebuilt at a time.
 
 Per parameter: fp32 weights 4 B + fp32 gradients 4 B + AdamW moments 8 B = 16 B; with bf16/fp16
@@ -36,7 +37,7 @@ parameter; on CPUs it runs tensor by tensor).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from hpcllm.errors import HpcllmError
 from hpcllm.plan.devices import DeviceProfile
@@ -108,8 +109,9 @@ class Setup:
     """Micro-batches per step and replica (gradient accumulation, or pipeline micro-batches)."""
     recompute: bool = False
     schedule: str = "1f1b"
-    flash_attention: bool = True
-    """False: attention scores are materialised (adds Korthikanti's a*s^2*b terms)."""
+    flash_attention: bool | None = None
+    """False: the attention probabilities are materialised (a*s^2*b per layer). None: as
+    hpcllm's model runs on the device (:func:`model_uses_flash_attention`)."""
     fusion_bytes: int = DEFAULT_FUSION_BYTES
 
     def check(self, shape: Shape) -> None:
@@ -180,11 +182,19 @@ def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
     if setup.recompute:
         return sbh * e_res  # only the layer input; the rest is rebuilt in the backward pass
     n = sbh * (2 * e_res + 14 * e_mm) + 2 * 2 * 4 * s * b  # + fp32 mean and rstd of both LayerNorms
-    if setup.flash_attention:
+    if setup.flash_attention is not False:
         n += 4 * a * s * b  # fp32 log-sum-exp per query row
     else:
-        n += 2 * e_mm * a * s * s * b  # softmax output and the probabilities the values see
+        n += e_mm * a * s * s * b  # the softmax output (the probabilities the values see)
     return n
+
+
+def model_uses_flash_attention(shape: Shape, precision: str, device: DeviceProfile) -> bool:
+    """What ``hpcllm.model.gpt.causal_attention`` does: flash kernels, except on CPUs in 16-bit
+    precision for short sequences, where it materialises the probabilities."""
+    from hpcllm.model.gpt import CPU_MATMUL_ATTENTION_MAX_T
+
+    return not (device.kind == "cpu" and precision != "fp32" and shape.seq_len <= CPU_MATMUL_ATTENTION_MAX_T)
 
 
 def full_layer_activation_bytes(shape: Shape, setup: Setup) -> int:
@@ -239,6 +249,8 @@ def inflight_microbatches(setup: Setup, stage: int) -> int:
 
 def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
                  layers: int) -> MemoryBreakdown:
+    if setup.flash_attention is None:
+        setup = replace(setup, flash_attention=model_uses_flash_attention(shape, setup.precision, device))
     P = setup.pipeline_stages
     first, last = stage == 0, stage == P - 1
     n = layers * shape.block_params + (shape.embed_params if first else 0) + (shape.head_params if last else 0)

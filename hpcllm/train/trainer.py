@@ -65,15 +65,30 @@ def setup_device(pcfg, dp) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(named_params, ocfg, fused: bool = False) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm)."""
+def build_optimizer(named_params, ocfg, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm).
+
+    ``fused`` None: PyTorch's fused AdamW kernel wherever it has one for the parameters'
+    device (CUDA; CPUs since PyTorch 2.4), else the multi-tensor one. On a CPU the fused step
+    of the 3.3M-parameter benchmark model took 2.5 ms against 25 ms (5% of a bf16 step).
+    """
     decay, no_decay = [], []
     for _, p in named_params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused or None)
+
+    def make(fused_: bool | None) -> torch.optim.AdamW:
+        # fresh group dicts each time: the constructor fills them in place
+        groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused_)
+
+    if fused is None:
+        try:
+            return make(True)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            return make(None)
+    return make(fused or None)
 
 
 @dataclass
@@ -191,8 +206,12 @@ def train(cfg: TrainConfig) -> int:
         from hpcllm.parallel.data_parallel import abort_on_exception, init_data_parallel
 
         dp = init_data_parallel(cfg.parallel)
-        with abort_on_exception(dp):
-            return _train(cfg, dp, plan, stop)
+        try:
+            with abort_on_exception(dp):
+                return _train(cfg, dp, plan, stop)
+        finally:
+            if dp.watchdog is not None:
+                dp.watchdog.close()
     finally:
         stop.restore()
 
@@ -269,7 +288,7 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
                                    num_batches=lg.eval_batches, dp_rank=dp.rank, dp_size=dp.size)
 
     model = GPT(gpt_cfg, init_seed=cfg.seed).to(device)
-    optimizer = build_optimizer(model.named_parameters(), o, fused=device.type == "cuda")
+    optimizer = build_optimizer(model.named_parameters(), o)
     optimizer = dp.wrap_optimizer(optimizer, model, d.accum, cfg.parallel.grad_compression)
     schedule = LRSchedule(o, cfg.steps)
     scaler = LossScaler(precision == "fp16", cfg.precision.loss_scale, cfg.precision.loss_scale_window)
@@ -288,6 +307,10 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
     # checkpoint, so ranks can never start from different points
     dp.broadcast_model(model)
     dp.broadcast_optimizer_state(optimizer)
+    if cfg.parallel.compile:
+        from hpcllm.train.compile import compile_blocks
+
+        log(dp, f"compiling {compile_blocks(model.block_list())} blocks with torch.compile (at the first step)")
 
     global_batch = loader.global_batch
     tokens_per_step = global_batch * gpt_cfg.seq_len
@@ -334,6 +357,8 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
     grad_norm_value = 0.0
     model.train()
     for step in range(start_step, cfg.steps):
+        if dp.watchdog is not None:
+            dp.watchdog.step = step + 1
         t0 = time.perf_counter()
         lr = schedule.apply(optimizer, step)
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)

@@ -1,8 +1,10 @@
 """The GPT: exact parameter counts, per-name initialisation, slices, causality, FLOPs."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hpcllm.model.gpt import GPT, PRESETS, Block, GPTConfig, flops_per_token, param_count, preset
+from hpcllm.model.gpt import (CPU_MATMUL_ATTENTION_MAX_T, GPT, PRESETS, Block, GPTConfig, causal_attention,
+                              flops_per_token, param_count, preset)
 
 
 @pytest.mark.parametrize("pos_emb", ["learned", "rope"])
@@ -106,3 +108,27 @@ def test_overfits_a_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
+
+
+@pytest.mark.parametrize("T", [7, 64, CPU_MATMUL_ATTENTION_MAX_T])
+def test_cpu_matmul_attention_matches_sdpa(T):
+    """The explicit bf16 attention used on CPUs for short sequences computes what SDPA does
+    (causal: no position sees a later one), forward and backward, within bf16 rounding."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16) for _ in range(3))
+    ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, is_causal=True)
+    ref.square().sum().backward()
+    lp_in = [t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v)]
+    out = causal_attention(*lp_in)
+    out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(lp_in, ref_in):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=1e-1, rtol=5e-2)
+    # causality: changing the last position's key and value changes no earlier output
+    k2, v2 = lp_in[1].detach().clone(), lp_in[2].detach().clone()
+    k2[..., -1, :] += 1
+    v2[..., -1, :] += 1
+    out2 = causal_attention(lp_in[0].detach(), k2, v2)
+    assert torch.equal(out2[..., :-1, :], out.detach()[..., :-1, :])

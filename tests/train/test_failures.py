@@ -2,6 +2,7 @@
 fp16 overflow is skipped on every rank alike; a killed rank ends the job in bounded time."""
 import json
 import os
+import re
 import signal
 import time
 
@@ -85,3 +86,38 @@ def test_killed_rank_ends_the_job_in_bounded_time(dataset, tmp_path):
         kill_tree(p)
     assert p.returncode not in (0, exitcodes.REQUEUE)
     assert elapsed < 30, elapsed
+
+
+def test_hung_rank_is_shut_down_by_the_stall_check(dataset, tmp_path):
+    """A rank that stops answering (SIGSTOP: alive, holding its sockets, never joining the next
+    allreduce) is the case neither the launcher nor Horovod's stall inspector can see (Horovod's
+    background thread blocks in the negotiation's own MPI collective). hpcllm's watchdog must
+    warn after --stall-check-s and end the whole job after --stall-shutdown-s."""
+    out = tmp_path / "run"
+    marker = f"stall-{tmp_path.name}"
+    check_s, shutdown_s = 2, 6
+    p = mpi_popen(train_cmd(*_args(dataset, out, 100000, "--ckpt-every", "0", "--stall-check-s", str(check_s),
+                                   "--stall-shutdown-s", str(shutdown_s))),
+                  np=2, env={}, marker=marker)
+    stopped = None
+    try:
+        wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(out)), 60, "step 3")
+        pids = rank_pids(marker)
+        stopped = pids[1]
+        t0 = time.monotonic()
+        os.kill(stopped, signal.SIGSTOP)
+        _, err = p.communicate(timeout=90)
+        elapsed = time.monotonic() - t0
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_tree(p)
+    assert p.returncode not in (0, exitcodes.REQUEUE), err[-3000:]
+    # not before the shutdown time (the check really waited), and well before any default
+    assert shutdown_s <= elapsed < shutdown_s + 40, (elapsed, err[-3000:])
+    # the waiting rank names itself, what it waited in and the step, then a warning came first
+    assert re.search(r"error: rank 0: stalled \d+ s waiting for the other ranks in .*\(step \d+\)", err), err[-3000:]
+    assert "warning: rank 0: waiting" in err, err[-3000:]

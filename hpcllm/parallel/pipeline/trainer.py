@@ -40,6 +40,7 @@ from hpcllm.config import TrainConfig, effective_config, resolve_model
 from hpcllm.errors import HpcllmError
 from hpcllm.parallel.pipeline.partition import Partition, make_partition
 from hpcllm.parallel.pipeline.stage import TIED, PipelineStage, activation_dtype
+from hpcllm.parallel.watchdog import Watchdog
 from hpcllm.train import checkpoint as ckpt
 
 
@@ -465,7 +466,11 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
                               autocast=amp, comm=layout.comm)
 
     stage = PipelineStage(gpt_cfg, part, layout.stage, seed=cfg.seed, recompute=pc.recompute, device=device)
-    optimizer = build_optimizer(stage.named_parameters(), o, fused=device.type == "cuda")
+    optimizer = build_optimizer(stage.named_parameters(), o)
+    if pc.compile:
+        from hpcllm.train.compile import compile_blocks
+
+        compile_blocks(stage.gpt.block_list())
     schedule = LRSchedule(o, cfg.steps)
     scaler = LossScaler(precision == "fp16", cfg.precision.loss_scale, cfg.precision.loss_scale_window)
     allreduce = StageAllreduce(layout, pc, stage.named_parameters(), pc.grad_compression)
@@ -494,8 +499,10 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
 
     act_shape = (d.micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model)
     act_dtype = activation_dtype(gpt_cfg, amp, device)
+    # a peer stage silent for --stall-shutdown-s is presumed dead (HPCLLM_PIPELINE_TIMEOUT overrides)
+    p2p_timeout = float(os.environ.get("HPCLLM_PIPELINE_TIMEOUT", pc.stall_shutdown_s))
     engine = PipelineEngine(stage, layout.pipe, layout.stage, P, pc.schedule, M, act_shape, act_dtype,
-                            device=device, autocast=amp)
+                            device=device, autocast=amp, timeout=p2p_timeout)
 
     global_batch = d.micro_batch * M * D
     tokens_per_step = global_batch * gpt_cfg.seq_len
@@ -548,19 +555,24 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
     # the tied matrix's norm is counted once: on the first stage, not on the last's copy
     norm_params = [p for n, p in stage.named_parameters() if not (layout.last and n == TIED)]
     stop = StopRequest().install()
+    # a frozen peer blocks the collectives below forever (p2p transfers have their own timeout)
+    watchdog = Watchdog(layout.rank, pc.stall_shutdown_s, pc.stall_check_s)
     last_saved = start_step if resume_dir is not None else None
     skipped_in_interval = 0
     grad_norm_value = 0.0
     try:
         stage.train()
         for step in range(start_step, cfg.steps):
+            watchdog.step = step + 1
             t0 = time.perf_counter()
             lr = schedule.apply(optimizer, step)
             batches = loader.next_batch() if loader is not None else None
             # the DP allreduces start inside the last backward, as each gradient becomes final
             loss = engine.step(batches, loss_scale=scaler.scale, last_backward=allreduce.overlap)
-            allreduce.finish()  # the tied copies are averaged over D before they are summed
-            sum_tied_grad(layout, stage)
+            with watchdog.waiting("the data-parallel gradient allreduce"):
+                allreduce.finish()  # the tied copies are averaged over D before they are summed
+            with watchdog.waiting("the tied-embedding gradient sum"):
+                sum_tied_grad(layout, stage)
             scaler.unscale_(params)
             sq = sum(float(p.grad.detach().float().pow(2).sum()) for p in norm_params if p.grad is not None)
             bad = layout.last and not math.isfinite(loss)
@@ -573,7 +585,8 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
             if allreduce.started:
                 tot[4 + layout.stage] = allreduce.started_in_backward / allreduce.started / D
                 tot[4 + P + layout.stage] = allreduce.done_in_backward / allreduce.started / D
-            layout.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
+            with watchdog.waiting("the step agreement allreduce"):
+                layout.comm.Allreduce(MPI.IN_PLACE, tot, op=MPI.SUM)
             norm = math.sqrt(tot[0]) if math.isfinite(tot[0]) else float("inf")
             n_bad, want_stop = int(tot[2]), bool(tot[3] > 0)
             good = D - n_bad
@@ -613,8 +626,9 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
                     record["loss_scale"] = scaler.scale
                 skipped_in_interval = 0
             if lg.eval_every > 0 and (done % lg.eval_every == 0 or done == cfg.steps):
-                record["val_loss"] = evaluate_pipeline(layout, stage, eval_batches, act_shape, act_dtype,
-                                                       device, precision)
+                with watchdog.waiting("the validation pass"):
+                    record["val_loss"] = evaluate_pipeline(layout, stage, eval_batches, act_shape, act_dtype,
+                                                           device, precision)
             if record:
                 if "lr" in record:
                     metrics.flush(done, **record)
@@ -631,6 +645,7 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
                 save(done)
                 last_saved = done
     finally:
+        watchdog.close()
         stop.restore()
     _log(layout, f"done: {cfg.steps} steps")
     return exitcodes.OK
