@@ -100,10 +100,12 @@ class ParallelConfig:
                         "matmuls; costs 20-60 s at the first step of each process).")
     grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
     fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
-    cycle_time_ms: float = opt(2.0, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME). 2 ms suits CPU "
-                               "nodes where ranks x threads fill the cores: each cycle's negotiation spins "
-                               "on a core, and at 0.1 ms a 2-rank CPU step ran 1.7x slower than at 2 ms "
-                               "(benchmarks/train.py); with spare cores (GPU nodes) 0.1 ms gives the lowest allreduce latency.")
+    cycle_time_ms: Optional[float] = opt(None, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME) "
+                                         "[default: 0.1 when the ranks compute on GPUs, 2 on CPU-only ranks]. "
+                                         "Each cycle's negotiation spins a CPU core: with GPUs the cores are "
+                                         "free and 0.1 ms gives the lowest allreduce latency; where ranks x "
+                                         "threads fill every core, 0.1 ms slowed a 2-rank CPU step 1.7x against "
+                                         "2 ms (benchmarks/train.py).")
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
                                        "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
@@ -364,7 +366,7 @@ def validate(cfg: TrainConfig) -> None:
     need(p.threads is None or p.threads >= 1, f"--threads {p.threads}: must be >= 1")
     need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
     need(p.fusion_threshold_mb >= 0, f"--fusion-threshold-mb {p.fusion_threshold_mb}: must be >= 0")
-    need(p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
+    need(p.cycle_time_ms is None or p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
     need(p.stall_check_s >= 1 and p.stall_shutdown_s >= p.stall_check_s,
          f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 

@@ -321,7 +321,8 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
         tokenizer_sha256=info.tokenizer_sha256, data_dir=os.path.abspath(d.path),
         world={"size": dp.size, "local_size": dp.local_size, "cross_size": dp.cross_size,
                "threads_per_rank": torch.get_num_threads(), "horovod": dp.hvd is not None},
-        horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")})
+        horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
+        mpi_env={k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")})
     if dp.is_root:  # rank 0 alone writes the run directory's shared files
         prepare_run_dir(run_dir, config_json, start_step)
     log(dp, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "

@@ -241,3 +241,16 @@ def test_horovod_env_from_flags(tmp_path):
     assert env["HOROVOD_STALL_CHECK_TIME_SECONDS"] == "30"
     assert env["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "90"
     assert env["HOROVOD_TIMELINE"].endswith("/tl.json") and env["HOROVOD_TIMELINE"].startswith("/")
+    # no --cycle-time-ms: by where the ranks compute (GPU ranks leave the cores to Horovod)
+    assert horovod_env(build_config(None, device="cpu").parallel)["HOROVOD_CYCLE_TIME"] == "2"
+    assert horovod_env(build_config(None, device="cuda").parallel)["HOROVOD_CYCLE_TIME"] == "0.1"
+
+
+def test_mpi_env_yields_on_cpu_ranks_and_keeps_the_users_setting(monkeypatch):
+    from hpcllm.parallel.data_parallel import mpi_env
+
+    monkeypatch.delenv("OMPI_MCA_mpi_yield_when_idle", raising=False)
+    assert mpi_env(build_config(None, device="cpu").parallel) == {"OMPI_MCA_mpi_yield_when_idle": "1"}
+    assert mpi_env(build_config(None, device="cuda").parallel) == {}
+    monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")
+    assert mpi_env(build_config(None, device="cpu").parallel) == {}

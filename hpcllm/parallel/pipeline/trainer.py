@@ -389,10 +389,11 @@ def train_pipeline(cfg: TrainConfig) -> int:
         raise HpcllmError("--data is required (a dataset directory from `hpcllm preprocess`)")
     if not cfg.out:
         raise HpcllmError("--out is required (the run directory)")
-    from mpi4py import MPI
-
-    from hpcllm.parallel.data_parallel import DataParallel, abort_on_exception, set_threads
+    from hpcllm.parallel.data_parallel import DataParallel, abort_on_exception, mpi_env, set_threads
     from hpcllm.parallel.topology import Topology
+
+    os.environ.update(mpi_env(cfg.parallel))  # before MPI starts (importing mpi4py.MPI starts it)
+    from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
     # an unexpected exception on one rank must end every rank, not leave them in a receive
