@@ -45,6 +45,7 @@ SIZES = [64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 #: "inplace" uses allreduce_ (what hvd.DistributedOptimizer does with gradients); otherwise
 #: allreduce() returns a new tensor. Horovod's defaults (since 0.21): HOROVOD_CYCLE_TIME 1 ms,
 #: HOROVOD_FUSION_THRESHOLD 128 MiB.
+_YIELD = "OMPI_MCA_mpi_yield_when_idle"
 HVD_SETTINGS = {
     "default": ({}, False),
     "default+inplace": ({}, True),
@@ -63,10 +64,18 @@ HVD_SETTINGS = {
     "cycle5+inplace+poll": ({"HOROVOD_CYCLE_TIME": "5"}, True, 20),
     "cycle1+inplace+poll": ({"HOROVOD_CYCLE_TIME": "1"}, True, 20),
     "cycle2+inplace+poll": ({"HOROVOD_CYCLE_TIME": "2"}, True, 20),
+    # + Open MPI yielding instead of spinning while it waits (what hpcllm sets on CPU ranks,
+    # hpcllm.parallel.data_parallel.mpi_env)
+    "cycle0.1+inplace+poll+yield": ({"HOROVOD_CYCLE_TIME": "0.1", **{_YIELD: "1"}}, True, 20),
+    "cycle0.5+inplace+poll+yield": ({"HOROVOD_CYCLE_TIME": "0.5", **{_YIELD: "1"}}, True, 20),
+    "cycle2+inplace+poll+yield": ({"HOROVOD_CYCLE_TIME": "2", **{_YIELD: "1"}}, True, 20),
 }
-HPCLLM_SETTING = "cycle2+inplace+poll"
+#: hpcllm's defaults: CPU ranks (2 ms cycle, Open MPI yields) and GPU ranks (0.1 ms cycle)
+HPCLLM_SETTING = "cycle2+inplace+poll+yield"
+HPCLLM_GPU_SETTING = "cycle0.1+inplace+poll"
 DEFAULT_SETTINGS = ["default", "default+inplace", "cycle0.1+inplace", "default+inplace+poll",
-                    "cycle0.1+inplace+poll", "cycle2+inplace+poll", "cycle5+inplace+poll"]
+                    "cycle0.1+inplace+poll", "cycle0.1+inplace+poll+yield", "cycle0.5+inplace+poll+yield",
+                    "cycle2+inplace+poll+yield"]
 
 
 def fmt_size(n: int) -> str:
@@ -110,10 +119,12 @@ def worker_allreduce(args) -> None:
 
     def wait(handle):
         # hvd.synchronize() polls the handle every 1 ms (C++ sleep_for in wait_and_clear);
-        # --poll-us polls from Python at a finer interval first
+        # --poll-us polls from Python first, as hpcllm does (wait_handle: from that interval,
+        # doubling up to 0.5 ms)
         if args.poll_us:
-            while not hvd.poll(handle):
-                time.sleep(args.poll_us * 1e-6)
+            from hpcllm.parallel.data_parallel import wait_handle
+
+            wait_handle(hvd, handle, args.poll_us * 1e-6)
         return hvd.synchronize(handle)
 
     def mpi_one(t, name):
@@ -611,15 +622,17 @@ def run_dp(quick: bool, repeats: int, precision: str) -> dict:
     microbenchmark's best), which shows what the background thread costs a CPU step."""
     steps, log_every = (10, 3) if quick else (24, 4)
     layouts = {"1x1": (1, ()), "2x1": (2, ()), "2x1 cycle 0.1ms": (2, ("--cycle-time-ms", "0.1")),
-               "2 independent": (0, ())}
+               "2x1 no yield": (2, ()), "2 independent": (0, ())}
     out = {k: [] for k in layouts}
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data")
         for rep in range(repeats):
             for i, (name, (np_, extra)) in enumerate(layouts.items()):
                 where = Path(tmp) / f"dp{i}-{rep}"
+                env = {_YIELD: "0"} if name == "2x1 no yield" else None  # the user's setting wins
                 out[name].append(train_pair(data, where, 1, precision, steps, log_every) if np_ == 0 else
-                                 train_run(data, where, np_, 1, precision, steps, log_every, extra_args=extra))
+                                 train_run(data, where, np_, 1, precision, steps, log_every, extra_env=env,
+                                           extra_args=extra))
                 print(f"  dp {name} rep {rep}: {out[name][-1]['tokens_per_s']:.0f} tok/s, step "
                       f"{out[name][-1]['step_time_s']:.2f} s, load {os.getloadavg()[0]:.1f}", flush=True)
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in out.items()}
@@ -629,6 +642,8 @@ def run_dp(quick: bool, repeats: int, precision: str) -> dict:
     res = {"precision": precision, "tokens_per_s_1x1": one, "tokens_per_s_2x1": two,
            "tokens_per_s_2x1_cycle0.1": med["2x1 cycle 0.1ms"], "efficiency": two / (2 * one),
            "efficiency_cycle0.1": med["2x1 cycle 0.1ms"] / (2 * one),
+           "tokens_per_s_2x1_no_yield": med["2x1 no yield"],
+           "efficiency_no_yield": med["2x1 no yield"] / (2 * one),
            "tokens_per_s_independent": med["2 independent"],
            "machine_ceiling": med["2 independent"] / (2 * one),
            "efficiency_vs_ceiling": two / med["2 independent"],
@@ -665,6 +680,9 @@ def dp_table(dp: dict, ar: dict | None) -> str:
              f"{'1 rank x 1 thread':<30}{dp['tokens_per_s_1x1']:>10.0f}",
              f"{'2 ranks x 1 thread (mpirun)':<30}{dp['tokens_per_s_2x1']:>10.0f}   efficiency "
              f"{dp['efficiency']:.2f} (goal >= 0.9)"]
+    if "tokens_per_s_2x1_no_yield" in dp:
+        lines.append(f"{'  same, Open MPI spinning':<30}{dp['tokens_per_s_2x1_no_yield']:>10.0f}   efficiency "
+                     f"{dp['efficiency_no_yield']:.2f}   (OMPI_MCA_mpi_yield_when_idle=0)")
     if "tokens_per_s_independent" in dp:
         lines.append(f"{'2 independent 1-rank processes':<30}{dp['tokens_per_s_independent']:>10.0f}   machine "
                      f"ceiling {dp['machine_ceiling']:.2f}; the 2-rank run reaches "

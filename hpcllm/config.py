@@ -97,7 +97,8 @@ class ParallelConfig:
                       choices=("auto", "cpu", "cuda"))
     threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].")
     compile: bool = opt(False, "torch.compile each transformer block (fuses norms, GELU and casts around the "
-                        "matmuls; costs 20-60 s at the first step of each process).")
+                        "matmuls; costs 15-60 s at the first step of each process; measure before relying "
+                        "on it: no gain for the CPU benchmark shape).")
     grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
     fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
     cycle_time_ms: Optional[float] = opt(None, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME) "

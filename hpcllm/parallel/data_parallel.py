@@ -74,23 +74,33 @@ def horovod_env(pcfg) -> dict:
     return env
 
 
-#: how often :func:`poll_until_done` checks an allreduce handle
+#: :func:`wait_handle` polls an allreduce handle every POLL_INTERVAL_S at first, doubling the
+#: pause up to POLL_MAX_INTERVAL_S: small allreduces are seen complete within tens of
+#: microseconds, while a long wait does not keep waking a core the reduction needs.
 POLL_INTERVAL_S = 20e-6
+POLL_MAX_INTERVAL_S = 500e-6
 
 
-def poll_until_done(hvd, optimizer, interval_s: float = POLL_INTERVAL_S) -> None:
-    """Wait for the optimizer's in-flight allreduces by polling every ``interval_s``.
+def wait_handle(hvd, handle, interval_s: float = POLL_INTERVAL_S, max_interval_s: float = POLL_MAX_INTERVAL_S) -> None:
+    """Return once Horovod's async ``handle`` is complete (without consuming its result).
 
     ``hvd.synchronize()`` waits in C++ with a 1 ms ``sleep_for`` between polls; on a CPU
     where every core computes (ranks x threads = cores) the sleeping thread often wakes much
-    later, adding milliseconds to each wait (benchmarks/train.py, "+poll" settings). After
-    this returns, synchronize() finds every handle complete and does not sleep.
+    later, adding milliseconds to each wait (benchmarks/train.py, "+poll" settings).
     """
+    pause = interval_s
+    while not hvd.poll(handle):
+        time.sleep(pause)
+        pause = min(2 * pause, max_interval_s)
+
+
+def poll_until_done(hvd, optimizer, interval_s: float = POLL_INTERVAL_S) -> None:
+    """Wait for the optimizer's in-flight allreduces with :func:`wait_handle`. After this
+    returns, ``optimizer.synchronize()`` finds every handle complete and does not sleep."""
     for handle, _ in list(getattr(optimizer, "_handles", {}).values()):
         if handle is None or callable(handle):
             continue
-        while not hvd.poll(handle):
-            time.sleep(interval_s)
+        wait_handle(hvd, handle, interval_s)
 
 
 def _import_horovod():

@@ -4,11 +4,13 @@ Each block is compiled on its own (``Block.compile()``), not the whole model: th
 identical modules, so Dynamo traces one and reuses the code for the others (compile time does
 not grow with depth), a pipeline stage compiles exactly the blocks it holds, parameter names
 and checkpoints are unchanged, and the embedding, head and loss stay eager. Inductor fuses
-the LayerNorms, GELU, residual adds and autocast casts around the matmuls; on the 2-core
-AVX512-BF16 CPU the bf16 training step of the benchmark shape got about 5-10% faster
-(benchmarks/train.py), for about 20-60 s of compilation at the first step of every process.
-Horovod's gradient hooks and activation recomputation work unchanged: the compiled backward
-still accumulates into each parameter's ``.grad``.
+the LayerNorms, GELU, residual adds and autocast casts around the matmuls, for about 15-60 s
+of compilation at the first step of every process. Off by default: on the 2-core AVX512-BF16
+CPU the bf16 step of the benchmark shape was 3-4% *slower* compiled than eager once the eager
+path had fused AdamW, exact GELU and matmul attention (benchmarks/train.py); it is there for
+devices and shapes where the elementwise work matters more. Horovod's gradient hooks and
+activation recomputation work unchanged: the compiled backward still accumulates into each
+parameter's ``.grad``.
 """
 from __future__ import annotations
 

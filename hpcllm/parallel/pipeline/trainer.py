@@ -203,12 +203,10 @@ class StageAllreduce:
             if p.grad is not None and name not in self.inflight:
                 self._start(name, p)
         self.started = len(self.inflight)
-        from hpcllm.parallel.data_parallel import POLL_INTERVAL_S
+        from hpcllm.parallel.data_parallel import wait_handle
 
         for handle, p, wire, ctx in self.inflight.values():
-            # poll rather than hvd.synchronize's 1 ms sleeps (see data_parallel.poll_until_done)
-            while not self.hvd.poll(handle):
-                time.sleep(POLL_INTERVAL_S)
+            wait_handle(self.hvd, handle)  # rather than hvd.synchronize's 1 ms sleeps
             out = self.compression.decompress(self.hvd.synchronize(handle), ctx)
             if out is not p.grad:  # compressed or made contiguous: write the average back
                 p.grad.copy_(out)
