@@ -50,8 +50,14 @@ if ! ls /usr/lib/*/slurm-wlm/mpi_pmix.so >/dev/null 2>&1 && command -v apt-get >
     missing+=(slurm-wlm-basic-plugins)
 fi
 # ... and that plugin dlopen()s the unversioned libpmix.so, which only libpmix-dev ships.
-if ! ls /usr/lib/*/libpmix.so /usr/lib/libpmix.so >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# (one ls per pattern: ls fails when any of its arguments is missing)
+if ! { ls /usr/lib/*/libpmix.so || ls /usr/lib/libpmix.so; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     missing+=(libpmix-dev)
+fi
+# torch.compile (--compile) builds C++ kernels against the interpreter's headers
+if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        && command -v apt-get >/dev/null 2>&1; then
+    missing+=(python3-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     pkgs=$(printf '%s\n' "${missing[@]}" openmpi-bin libopenmpi-dev | sort -u | tr '\n' ' ')
