@@ -24,6 +24,9 @@ from hpcllm.errors import HpcllmError
 from hpcllm.launch import quoting as Q
 from hpcllm.launch.profiles import LAUNCHERS, Profile, assets_dir
 
+#: srun --wait: seconds a step's remaining tasks may run after its first task ended
+SRUN_WAIT_S = 60
+
 #: train config fields that are Horovod knobs -> the environment variable each sets
 HOROVOD_KNOBS = {
     "hierarchical_allreduce": "HOROVOD_HIERARCHICAL_ALLREDUCE",
@@ -324,8 +327,11 @@ def launcher_line(launcher: str, profile: Profile, command: list[str], cpus_per_
     if launcher == "srun":
         # --kill-on-bad-exit=0: after a checkpointed stop every rank exits 75, and killing the
         # slower ranks when the first one exits would turn srun's status into 143 (no requeue).
-        # A crashed rank still ends the job: the others abort at Horovod's stall shutdown.
-        parts = ["srun", "--mpi=pmix", "--kill-on-bad-exit=0", "--distribution=block:block"]
+        # A crashed rank still ends the job: the others exit at the watchdog's stall shutdown
+        # (hpcllm.parallel.watchdog). --wait=60: a rank still running 60 s after another ended
+        # (frozen, so its own watchdog cannot act) is killed; ranks ending a step normally all
+        # leave the same final barrier within seconds of each other.
+        parts = ["srun", "--mpi=pmix", "--kill-on-bad-exit=0", f"--wait={SRUN_WAIT_S}", "--distribution=block:block"]
         if cpus_per_task:
             # Slurm 22.05's srun does not take --cpus-per-task from the allocation
             parts.append('--cpus-per-task="$SLURM_CPUS_PER_TASK"')

@@ -15,9 +15,10 @@ per-step agreement, evaluation, pipeline collectives)::
         dp.synchronize(optimizer)
 
 A wait longer than ``warn_s`` prints one warning; longer than ``timeout_s`` prints an error
-naming the rank, the wait and the step, and exits the process with status 1, so the launcher
-(mpirun, ``srun --kill-on-bad-exit``) tears down the rest of the job. Time spent computing,
-loading data or writing checkpoints is never counted.
+naming the rank, the wait and the step, and exits the process with status 1: mpirun then
+tears down the rest of the job; under hpcllm's srun line (``--kill-on-bad-exit=0 --wait=60``)
+every waiting rank exits by its own watchdog and srun kills a frozen one 60 s later. Time
+spent computing, loading data or writing checkpoints is never counted.
 """
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def test_resume_auto_added_and_profile_knobs_reach_train(dataset):
 
 
 @pytest.mark.parametrize("launcher,expect", [
-    ("srun", "srun --mpi=pmix --kill-on-bad-exit=0 --distribution=block:block"),
+    ("srun", "srun --mpi=pmix --kill-on-bad-exit=0 --wait=60 --distribution=block:block"),
     ("mpirun", 'mpirun -np "$SLURM_NTASKS" --map-by "ppr:${SLURM_NTASKS_PER_NODE}:node"'),
     ("horovodrun", 'horovodrun -np "$SLURM_NTASKS" -H "$HPCLLM_HOSTS"'),
 ])
