@@ -1,7 +1,6 @@
 """Horovod data parallelism under real mpirun: N ranks x accumulation a must train exactly
 like 1 rank x accumulation N*a on the same global batches."""
 import json
-import sys
 
 import pytest
 import torch
