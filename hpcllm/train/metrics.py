@@ -32,19 +32,42 @@ GPU_PEAK_TFLOPS = [
 ]
 
 
-def cpu_flops_per_cycle(low_precision: bool) -> int:
-    """Per-core FLOPs per cycle from the CPU's vector units (2 FMA pipes assumed)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        flags = ""
+def cpu_flops_per_cycle(low_precision: bool, cpuinfo: str | None = None) -> int:
+    """Per-core FLOPs per cycle from the CPU's vector units (2 FMA pipes assumed).
+
+    AMD Zen 4 (family 25 with AVX-512) runs each 512-bit instruction as two 256-bit halves,
+    so it gets the AVX2 rate per cycle; measured here: bf16 matmuls at 165 GFLOP/s per 2.6 GHz
+    core = 64 FLOPs/cycle, not 128. ``cpuinfo``: the text of /proc/cpuinfo (read when None).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = open("/proc/cpuinfo").read()
+        except OSError:
+            cpuinfo = ""
+    flags = cpuinfo
     if low_precision and "amx_bf16" in flags:
         return 1024  # AMX: 16x32 bf16 tile FMA per cycle
     if "avx512f" in flags:
-        return 128 if (low_precision and "avx512_bf16" in flags) else 64
+        n = 128 if (low_precision and "avx512_bf16" in flags) else 64
+        return n // 2 if _double_pumped_avx512(cpuinfo) else n
     if "avx2" in flags or "fma" in flags:
         return 32
     return 8
+
+
+def _double_pumped_avx512(cpuinfo: str) -> bool:
+    """AMD Zen 4: AVX-512 on 256-bit datapaths."""
+    vendor = family = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "vendor_id" and vendor is None:
+            vendor = value.strip()
+        elif key == "cpu family" and family is None:
+            family = value.strip()
+        if vendor is not None and family is not None:
+            break
+    return vendor == "AuthenticAMD" and family == "25"
 
 
 def device_peak_tflops(device: torch.device, precision: str, threads: int, override: float | None = None) -> float:

@@ -254,3 +254,19 @@ def test_mpi_env_yields_on_cpu_ranks_and_keeps_the_users_setting(monkeypatch):
     assert mpi_env(build_config(None, device="cuda").parallel) == {}
     monkeypatch.setenv("OMPI_MCA_mpi_yield_when_idle", "0")
     assert mpi_env(build_config(None, device="cpu").parallel) == {}
+
+
+def test_cpu_peak_flops_per_cycle_by_vector_unit():
+    from hpcllm.train.metrics import cpu_flops_per_cycle
+
+    def info(vendor, family, flags):
+        return f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nflags\t\t: fpu {flags}\n"
+
+    zen4 = info("AuthenticAMD", 25, "avx2 fma avx512f avx512_bf16")
+    assert (cpu_flops_per_cycle(False, zen4), cpu_flops_per_cycle(True, zen4)) == (32, 64)  # 512-bit ops split in two
+    sapphire = info("GenuineIntel", 6, "avx2 fma avx512f avx512_bf16 amx_bf16")
+    assert (cpu_flops_per_cycle(False, sapphire), cpu_flops_per_cycle(True, sapphire)) == (64, 1024)
+    skylake = info("GenuineIntel", 6, "avx2 fma avx512f")
+    assert (cpu_flops_per_cycle(False, skylake), cpu_flops_per_cycle(True, skylake)) == (64, 64)
+    zen3 = info("AuthenticAMD", 25, "avx2 fma")
+    assert cpu_flops_per_cycle(False, zen3) == 32
