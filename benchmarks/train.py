@@ -1,6 +1,6 @@
 """Training benchmarks: step throughput, data-parallel efficiency, Horovod allreduce bandwidth.
 
-    .venv/bin/python benchmarks/train.py [--quick] [--parts step,dp,allreduce]
+    .venv/bin/python benchmarks/train.py [--quick] [--parts step,kernels,dp,allreduce]
 
 Prints a table and writes benchmarks/results/train.json. Every ratio is against a baseline
 measured in the same run (on a shared 2-core machine absolute numbers drift; ratios much less):
@@ -11,6 +11,8 @@ measured in the same run (on a shared 2-core machine absolute numbers drift; rat
   Goal: bf16 >= 2.5x the baseline. Without AMX/AVX512-BF16 (e.g. an AVX2-only CPU) bf16
   matmuls are tens of times slower than fp32, so the bf16 run is skipped and the measured
   matmul speeds are reported instead (``--force-bf16`` runs it anyway).
+- **kernels**: the pieces the bf16 step was sped up with, each against what it replaced
+  (attention SDPA vs matmuls, tanh vs exact GELU, multi-tensor vs fused AdamW), in ms.
 - **dp**: ``mpirun -np 2 hpcllm train`` with 1 thread per rank against 1 rank x 1 thread
   (weak scaling: the same micro-batch per rank), at hpcllm's default Horovod cycle time and at
   0.1 ms. Goal: efficiency >= 0.9. Also the time a step waits for its gradient allreduce
@@ -592,14 +594,77 @@ def matmul_bound(threads: int = 2, repeats: int = 5) -> dict:
                     torch.bmm(p, q)
                     torch.bmm(p.transpose(1, 2), q)
 
-        step()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-        res[f"{name}_s"] = min(times)
+        res[f"{name}_s"] = _best_seconds(step, repeats)
     return res
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_kernels(threads: int = 2, repeats: int = 15) -> dict:
+    """The three pieces the bf16 step was sped up with, each against what it replaced, on
+    the fixed shape (best of ``repeats``, ms): attention forward + backward of one layer in
+    bf16 (``F.scaled_dot_product_attention`` vs hpcllm's ``causal_attention``), GELU forward
+    + backward of the MLP activation in bf16 (tanh approximation vs exact), and one AdamW step
+    over the whole model (multi-tensor vs fused)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hpcllm.model.gpt import GPT, GPTConfig, causal_attention
+    from hpcllm.train.trainer import build_optimizer
+
+    torch.set_num_threads(threads)
+    s = SHAPE
+    B, T, H, d = s["micro_batch"], s["seq_len"], s["n_head"], s["d_model"]
+
+    def best(fn) -> float:
+        return _best_seconds(fn, repeats) * 1e3
+
+    qkv = [torch.randn(B, H, T, d // H, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    g_attn = torch.randn(B, H, T, d // H, dtype=torch.bfloat16)
+
+    def attention(fn):
+        return lambda: fn(*qkv).backward(g_attn)
+
+    x = torch.randn(B * T, 4 * d, dtype=torch.bfloat16, requires_grad=True)
+    g_mlp = torch.randn(B * T, 4 * d, dtype=torch.bfloat16)
+
+    def gelu(approximate):
+        return lambda: F.gelu(x, approximate=approximate).backward(g_mlp)
+
+    model = GPT(GPTConfig(n_layer=s["n_layer"], n_head=H, d_model=d, seq_len=T, vocab_size=s["vocab_size"]))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    ocfg = argparse.Namespace(lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8)
+    opts = {k: build_optimizer(model.named_parameters(), ocfg, fused=f) for k, f in (("foreach", False),
+                                                                                      ("fused", None))}
+    rows = {
+        "attention_bf16": {"sdpa": best(attention(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True))), "hpcllm": best(attention(causal_attention))},
+        "gelu_bf16": {"tanh": best(gelu("tanh")), "exact": best(gelu("none"))},
+        "adamw_step": {"foreach": best(opts["foreach"].step), "fused": best(opts["fused"].step)},
+    }
+    return {"ms": rows, "threads": threads, "fused_adamw": bool(opts["fused"].param_groups[0].get("fused"))}
+
+
+def kernels_table(k: dict) -> str:
+    lines = [f"Pieces of the bf16 step, best of repeats, {k['threads']} threads (ms; before -> hpcllm)",
+             f"{'piece':<44}{'before':>10}{'hpcllm':>10}{'ratio':>8}", "-" * 72]
+    labels = {"attention_bf16": "attention fwd+bwd, 1 layer (SDPA -> matmuls)",
+              "gelu_bf16": "GELU fwd+bwd, 4096x1024 (tanh -> exact)",
+              "adamw_step": "AdamW step, whole model (foreach -> fused)"}
+    for key, label in labels.items():
+        before, after = k["ms"][key].values()
+        lines.append(f"{label:<44}{before:>10.1f}{after:>10.1f}{before / after:>7.2f}x")
+    return "\n".join(lines)
 
 
 def _cpu_capability() -> str:
@@ -712,7 +777,7 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", help=argparse.SUPPRESS)
     p.add_argument("--poll-us", type=float, default=0.0, help=argparse.SUPPRESS)  # worker: comma list of byte sizes (exploration)
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run, noisy numbers)")
-    p.add_argument("--parts", default="step,dp,allreduce", help="comma list of step, dp, allreduce")
+    p.add_argument("--parts", default="step,kernels,dp,allreduce", help="comma list of step, kernels, dp, allreduce")
     p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                    help=f"Horovod settings to compare (allreduce part), from: {', '.join(HVD_SETTINGS)}")
     p.add_argument("--repeats", type=int, default=2, help="launches per allreduce setting")
@@ -741,6 +806,10 @@ def main(argv=None) -> int:
         results["step"] = run_step(args.quick, args.step_repeats, args.force_bf16)
     if "step" in results:
         tables.append(step_table(results["step"]))
+    if "kernels" in parts:
+        results["kernels"] = run_kernels()
+    if "kernels" in results:
+        tables.append(kernels_table(results["kernels"]))
     if "allreduce" in parts:
         settings = [x for x in args.settings.split(",") if x]
         results["allreduce"] = run_allreduce(args.quick, settings, args.repeats, args.sizes)

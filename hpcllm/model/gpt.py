@@ -190,8 +190,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     ``F.scaled_dot_product_attention`` everywhere except one case: on a CPU in 16-bit
     precision with T <= :data:`CPU_MATMUL_ATTENTION_MAX_T`, the two batched matmuls run on
     the bf16 matmul units while PyTorch's CPU flash kernel does not: at T=256, forward plus
-    backward took 18 ms against 39 ms for SDPA (4 heads x 64, 16 sequences, 2 cores with
-    AVX512-BF16). It materialises the (T, T) scores, hence the length limit; in fp32 the flash
+    backward took 16-22 ms against 34-42 ms for SDPA (4 heads x 64, 16 sequences, 2 cores with
+    AVX512-BF16; ``benchmarks/train.py --parts kernels``). It materialises the (T, T) scores, hence the length limit; in fp32 the flash
     kernel is faster at every length measured, so it is kept.
     """
     T = q.size(-2)
@@ -211,7 +211,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         # exact (erf) GELU: on CPUs twice as fast as GPT-2's tanh approximation (forward +
-        # backward of 4096 x 1024 in bf16: 4.7 vs 9.9 ms), the same speed on GPUs
+        # backward of 4096 x 1024 in bf16: 4.1-4.9 vs 10.1 ms, benchmarks/train.py --parts kernels)
         return self.proj(F.gelu(self.fc(x)))
 
 

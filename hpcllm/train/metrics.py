@@ -44,13 +44,12 @@ def cpu_flops_per_cycle(low_precision: bool, cpuinfo: str | None = None) -> int:
             cpuinfo = open("/proc/cpuinfo").read()
         except OSError:
             cpuinfo = ""
-    flags = cpuinfo
-    if low_precision and "amx_bf16" in flags:
+    if low_precision and "amx_bf16" in cpuinfo:
         return 1024  # AMX: 16x32 bf16 tile FMA per cycle
-    if "avx512f" in flags:
-        n = 128 if (low_precision and "avx512_bf16" in flags) else 64
+    if "avx512f" in cpuinfo:
+        n = 128 if (low_precision and "avx512_bf16" in cpuinfo) else 64
         return n // 2 if _double_pumped_avx512(cpuinfo) else n
-    if "avx2" in flags or "fma" in flags:
+    if "avx2" in cpuinfo or "fma" in cpuinfo:
         return 32
     return 8
 

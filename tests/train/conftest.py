@@ -128,3 +128,31 @@ def kill_tree(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def freeze_rank_until_exit(proc, marker: str, run_dir, rank: int = 1, start_timeout: float = 60,
+                           exit_timeout: float = 90) -> tuple[float, str]:
+    """Once ``run_dir`` logged step 3, SIGSTOP ``rank`` of the job ``proc`` (from
+    :func:`mpi_popen` with ``marker``) and wait for the job to end. Returns (seconds from the
+    freeze to the job's end, its stderr); the frozen rank is resumed and the job killed
+    whatever happens."""
+    import signal
+    import time
+
+    from hpcllm.train.metrics import read_metrics
+
+    stopped = None
+    try:
+        wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(run_dir)), start_timeout, "step 3")
+        stopped = rank_pids(marker)[rank]
+        t0 = time.monotonic()
+        os.kill(stopped, signal.SIGSTOP)
+        _, err = proc.communicate(timeout=exit_timeout)
+        return time.monotonic() - t0, err
+    finally:
+        if stopped is not None:
+            try:
+                os.kill(stopped, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_tree(proc)

@@ -13,7 +13,7 @@ from hpcllm import exitcodes
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import read_metrics
 from tests.cluster.mpi import run_mpi
-from tests.train.conftest import TINY, kill_tree, mpi_popen, rank_pids, train_cmd, wait_for
+from tests.train.conftest import TINY, freeze_rank_until_exit, kill_tree, mpi_popen, rank_pids, train_cmd, wait_for
 
 pytestmark = [pytest.mark.mpi]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -99,22 +99,7 @@ def test_hung_rank_is_shut_down_by_the_stall_check(dataset, tmp_path):
     p = mpi_popen(train_cmd(*_args(dataset, out, 100000, "--ckpt-every", "0", "--stall-check-s", str(check_s),
                                    "--stall-shutdown-s", str(shutdown_s))),
                   np=2, env={}, marker=marker)
-    stopped = None
-    try:
-        wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(out)), 60, "step 3")
-        pids = rank_pids(marker)
-        stopped = pids[1]
-        t0 = time.monotonic()
-        os.kill(stopped, signal.SIGSTOP)
-        _, err = p.communicate(timeout=90)
-        elapsed = time.monotonic() - t0
-    finally:
-        if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        kill_tree(p)
+    elapsed, err = freeze_rank_until_exit(p, marker, out, start_timeout=60, exit_timeout=90)
     assert p.returncode not in (0, exitcodes.REQUEUE), err[-3000:]
     # not before the shutdown time (the check really waited), and well before any default
     assert shutdown_s <= elapsed < shutdown_s + 40, (elapsed, err[-3000:])

@@ -1,15 +1,10 @@
 """A pipeline stage that freezes (SIGSTOP: alive, never sending again) ends the whole job
 after --stall-shutdown-s under real mpirun, through the stage transfer timeout."""
-import os
-import signal
-import time
-
 import pytest
 
 from hpcllm import exitcodes
-from hpcllm.train.metrics import read_metrics
 from tests.parallel.pipeline.conftest import COMMON
-from tests.train.conftest import kill_tree, mpi_popen, rank_pids, train_cmd, wait_for
+from tests.train.conftest import freeze_rank_until_exit, mpi_popen, train_cmd
 
 pytestmark = [pytest.mark.mpi]
 
@@ -24,21 +19,7 @@ def test_frozen_stage_ends_the_job_after_stall_shutdown(pp_dataset, tmp_path):
                             "--pipeline-stages", "2", "--microbatches", "2", "--ckpt-every", "0",
                             "--stall-check-s", "2", "--stall-shutdown-s", str(shutdown_s), *COMMON),
                   np=2, env=env, marker=marker)
-    stopped = None
-    try:
-        wait_for(lambda: any(r["step"] >= 3 for r in read_metrics(out)), 90, "step 3")
-        stopped = rank_pids(marker)[1]
-        t0 = time.monotonic()
-        os.kill(stopped, signal.SIGSTOP)
-        _, err = p.communicate(timeout=120)
-        elapsed = time.monotonic() - t0
-    finally:
-        if stopped is not None:
-            try:
-                os.kill(stopped, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-        kill_tree(p)
+    elapsed, err = freeze_rank_until_exit(p, marker, out, start_timeout=90, exit_timeout=120)
     assert p.returncode not in (0, exitcodes.REQUEUE), err[-3000:]
     assert shutdown_s <= elapsed < shutdown_s + 45, (elapsed, err[-3000:])
     # stage 0 names what it waited for: the frozen stage's transfer, or a collective
