@@ -114,7 +114,11 @@ class ParallelConfig:
     stall_shutdown_s: float = opt(120.0, "End the job when a rank waits this long for the others in a collective "
                                   "or a pipeline transfer (a dead or frozen rank).")
     pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).")
-    schedule: str = opt("1f1b", "Pipeline schedule.", choices=("1f1b", "gpipe"))
+    schedule: str = opt("1f1b", "Pipeline schedule: 1f1b (stage s holds at most P - s micro-batches of "
+                        "activations), gpipe (all forwards, then all backwards; holds M) or zbh1 "
+                        "(zero-bubble 1F1B: linear layers' weight gradients deferred into the bubble, "
+                        "a third of 1F1B's bubble for up to P more micro-batches of deferred work).",
+                        choices=("1f1b", "gpipe", "zbh1"))
     microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum].")
     balance: Optional[str] = opt(None, "Layers per stage, comma-separated (e.g. 5,4,4,3) [default: even].")
     recompute: bool = opt(False, "Recompute activations in the backward pass (pipeline) to save memory.")
@@ -366,6 +370,10 @@ def validate(cfg: TrainConfig) -> None:
     need(lg.eval_batches >= 1, f"--eval-batches {lg.eval_batches}: must be >= 1")
     need(p.threads is None or p.threads >= 1, f"--threads {p.threads}: must be >= 1")
     need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
+    # compiled blocks would bake in the linear layers the zero-bubble split must intercept
+    need(not (p.compile and p.schedule == "zbh1" and p.pipeline_stages > 1),
+         "--compile does not combine with --schedule zbh1 (its weight-gradient split runs eager); "
+         "use --schedule 1f1b to compile")
     need(p.fusion_threshold_mb >= 0, f"--fusion-threshold-mb {p.fusion_threshold_mb}: must be >= 0")
     need(p.cycle_time_ms is None or p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
     need(p.stall_check_s >= 1 and p.stall_shutdown_s >= p.stall_check_s,

@@ -43,7 +43,7 @@ def _num(what):
               help="Sequences per optimizer step [default: ~0.5M tokens on GPUs, 16 per rank on CPUs].")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
-@click.option("--schedule", type=click.Choice(["1f1b", "gpipe"]), default="1f1b", show_default=True)
+@click.option("--schedule", type=click.Choice(["1f1b", "gpipe", "zbh1"]), default="1f1b", show_default=True)
 @click.option("--pipeline-stages", type=int, default=None, help="Only layouts with this many stages.")
 @click.option("--micro-batch", type=int, default=None, help="Only layouts with this micro-batch.")
 @click.option("--recompute/--no-recompute", default=None, help="Only layouts with / without recomputation.")

@@ -119,7 +119,9 @@ def step_time(shape: Shape, setup: Setup, cluster: Cluster, mfu: float) -> StepT
     rate = cluster.process_flops(setup.precision) * mfu
     t_mb = b * s * max(per_token) / rate
     compute = M * t_mb
-    bubble = (P - 1) * t_mb
+    # 1F1B/GPipe idle (P - 1) forward+backward times; ZB-H1 fills two thirds of that with
+    # deferred weight-gradient passes (bubble (P - 1)(F + B - W), F = B = W)
+    bubble = (P - 1) * t_mb * (1.0 / 3.0 if setup.schedule == "zbh1" else 1.0)
     p2p = 0.0
     if P > 1:
         act = b * s * shape.d_model * 4

@@ -46,7 +46,7 @@ MiB = 1024**2
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("1f1b", "gpipe")
+SCHEDULES = ("1f1b", "gpipe", "zbh1")
 
 #: Horovod's default tensor-fusion buffer (HOROVOD_FUSION_THRESHOLD), allocated once per
 #: process when gradients are allreduced (data parallelism > 1).

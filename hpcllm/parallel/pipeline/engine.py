@@ -9,7 +9,10 @@ preallocated buffers; sends are non-blocking and receives pre-posted, so transfe
 compute.  It knows nothing about optimizers, data parallelism or checkpoints; the one hook
 for them is ``step(last_backward=...)``, a context wrapped around the stage's last backward
 of the step, the pass after which every parameter gradient is final (the pipeline trainer
-arms per-parameter gradient hooks in it to start the data-parallel allreduce early).
+arms per-parameter gradient hooks in it to start the data-parallel allreduce early).  Under
+a zero-bubble schedule, whose ``bwd`` passes leave the linear layers' weight gradients to
+later ``wgt`` passes (:mod:`hpcllm.parallel.pipeline.deferred`), the context wraps both the
+last ``bwd`` (final gradients of the other parameters) and the last ``wgt``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hpcllm.parallel.pipeline import schedules as S
+from hpcllm.parallel.pipeline.deferred import WeightGradDeferral
 from hpcllm.parallel.pipeline.transport import DEFAULT_TIMEOUT_S, Channel
 
 TAG_FWD, TAG_BWD = 0, 1
@@ -59,8 +63,13 @@ class PipelineEngine:
         self.stage, self.stages, self.M = stage, stages, microbatches
         self.first, self.last = stage == 0, stage == stages - 1
         self.program = S.build_schedule(schedule, stage, stages, microbatches)
-        #: index in ``program`` of the stage's last backward: when it ends, gradients are final
-        self.last_bwd = max(k for k, ins in enumerate(self.program) if ins.op == S.BWD)
+        #: indices in ``program`` of the passes that leave gradients final: the last backward,
+        #: and the last weight-gradient pass when the schedule defers those
+        self.final_passes = {max(k for k, ins in enumerate(self.program) if ins.op == op)
+                             for op in (S.BWD, S.WGT) if any(ins.op == op for ins in self.program)}
+        self.deferral = WeightGradDeferral() if S.defers_weight_grads(self.program) else None
+        if self.deferral is not None and hasattr(stage_module, "recompute_context"):
+            stage_module.recompute_context = self.deferral.routing
         self.device = torch.device(device)
         self.autocast = autocast or contextlib.nullcontext
         self.stats = StepStats()
@@ -82,7 +91,8 @@ class PipelineEngine:
         the micro-batches on the last stage, None elsewhere.
 
         ``last_backward``: a zero-argument context-manager factory entered around the
-        stage's last backward pass of the step (``program[last_bwd]``), during which each
+        stage's last backward pass of the step (and its last weight-gradient pass under a
+        zero-bubble schedule: ``program[k] for k in final_passes``), during which each
         parameter's gradient reaches its final value for the step (e.g. to arm
         ``register_post_accumulate_grad_hook`` hooks that start its allreduce).
         """
@@ -99,11 +109,12 @@ class PipelineEngine:
         losses = []
         compute = wait = 0.0
         live = peak = 0
+        deferral = self.deferral
         t_step = time.perf_counter()
         channels = [ch for ch in (self.to_next, self.from_next, self.to_prev, self.from_prev) if ch is not None]
         for k, ins in enumerate(self.program):
             op, mb = ins.op, ins.mb
-            if op in (S.FWD, S.BWD):
+            if op in (S.FWD, S.BWD, S.WGT):
                 for ch in channels:  # kick pending transfers before computing for a while
                     ch.progress()
             t0 = time.perf_counter()
@@ -114,7 +125,7 @@ class PipelineEngine:
                 wait += time.perf_counter() - t0
             elif op == S.FWD:
                 inp = batches[mb][0].to(self.device, non_blocking=True) if self.first else inputs[mb]
-                with self.autocast():
+                with self.autocast(), deferral.forward() if deferral else contextlib.nullcontext():
                     if self.last:
                         out = self.module(inp, batches[mb][1].to(self.device, non_blocking=True))
                         losses.append(out.detach())
@@ -132,8 +143,8 @@ class PipelineEngine:
                 wait += time.perf_counter() - t0
             elif op == S.BWD:
                 out = outputs.pop(mb)
-                around = last_backward if k == self.last_bwd and last_backward else contextlib.nullcontext
-                with around():
+                around = last_backward if k in self.final_passes and last_backward else contextlib.nullcontext
+                with around(), deferral.backward(mb) if deferral else contextlib.nullcontext():
                     if self.last:
                         (out * (loss_scale / M)).backward()
                     else:
@@ -142,7 +153,14 @@ class PipelineEngine:
                     self.from_next.release(mb)
                 if self.first:
                     inputs.pop(mb, None)
-                live -= 1
+                if deferral is None:
+                    live -= 1
+                compute += time.perf_counter() - t0
+            elif op == S.WGT:
+                around = last_backward if k in self.final_passes and last_backward else contextlib.nullcontext
+                with around():
+                    deferral.apply(mb)
+                live -= 1  # as schedules.peak_activations counts: until the weight pass
                 compute += time.perf_counter() - t0
             elif op == S.SEND_BWD:
                 inp = inputs.pop(mb)
@@ -156,6 +174,7 @@ class PipelineEngine:
         step = time.perf_counter() - t_step
         self.stats = StepStats(compute_s=compute, wait_s=wait, step_s=step, peak_live=peak)
         assert not outputs and not inputs and not grads, "schedule left micro-batches unfinished"
+        assert deferral is None or not deferral.outstanding, "schedule left weight gradients deferred"
         if self.last:
             return torch.stack(losses).float().mean().item()
         return None

@@ -9,6 +9,8 @@ so they stay equal.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -34,6 +36,10 @@ class PipelineStage(torch.nn.Module):
         self.cfg, self.stage, self.stages = cfg, stage, partition.stages
         self.first, self.last = stage == 0, stage == partition.stages - 1
         self.recompute = recompute
+        #: zero-argument context factory the recomputation of a block runs under (the
+        #: engine sets it when linear layers defer their weight gradients: the recomputed
+        #: graph must be built the way the forward built it)
+        self.recompute_context = None
         # built on the meta device then materialised: GPT.__init__ would otherwise draw a
         # throw-away initialisation on the CPU first
         with torch.device("meta"):
@@ -57,13 +63,17 @@ class PipelineStage(torch.nn.Module):
             return self.gpt.wte.weight
         return None
 
+    def _recompute_contexts(self):
+        again = self.recompute_context() if self.recompute_context else contextlib.nullcontext()
+        return contextlib.nullcontext(), again
+
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         g = self.gpt
         if self.first:
             x = g.embed(x)
         for blk in g.block_list():
             if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, use_reentrant=False, context_fn=self._recompute_contexts)
             else:
                 x = blk(x)
         if not self.last:

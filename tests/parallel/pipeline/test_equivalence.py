@@ -2,7 +2,9 @@
 
 The single-process reference trains with `--accum 4`; the pipelines see the same global
 batch: P=2 with 4 micro-batches, and P=2 x D=2 with 2 micro-batches per replica.  Losses of
-every step and the parameters after the last step must match, for both schedules.  With
+every step and the parameters after the last step must match, for all three schedules
+(ZB-H1 also with activation recomputation, whose recomputed graph must defer the same weight
+gradients as the forward's).  With
 D=2 the stage allreduce runs overlapped with the last backward (checked through the logged
 `dp_overlap`), and `--grad-compression fp16` must change the result by fp16 rounding only.
 """
@@ -32,8 +34,10 @@ def train_pp(base: Path, np_: int, schedules: str, *args) -> str:
 def p2(pp_dataset, tmp_path_factory):
     """P=2 x D=1, 4 micro-batches; `--grad-compression fp16` must be a no-op without replicas."""
     base = tmp_path_factory.mktemp("p2") / "pp"
-    out = train_pp(base, 2, "1f1b,gpipe", "--data", pp_dataset, "--microbatches", "4", "--grad-compression", "fp16")
+    out = train_pp(base, 2, "1f1b,gpipe,zbh1", "--data", pp_dataset, "--microbatches", "4", "--grad-compression",
+                   "fp16")
     assert "--grad-compression fp16: no effect with 1 pipeline replica" in out
+    train_pp(Path(f"{base}-recompute"), 2, "zbh1", "--data", pp_dataset, "--microbatches", "4", "--recompute")
     return base
 
 
@@ -41,7 +45,7 @@ def p2(pp_dataset, tmp_path_factory):
 def p2xd2(pp_dataset, tmp_path_factory):
     """P=2 x D=2, 2 micro-batches per replica, uncompressed DP allreduce."""
     base = tmp_path_factory.mktemp("p2xd2") / "pp"
-    train_pp(base, 4, "1f1b,gpipe", "--data", pp_dataset, "--microbatches", "2")
+    train_pp(base, 4, "1f1b,gpipe,zbh1", "--data", pp_dataset, "--microbatches", "2")
     return base
 
 
@@ -50,12 +54,13 @@ def test_pipeline_matches_single_process(reference, request, layout, dp_size):
     base = request.getfixturevalue(layout)
     ref_losses = losses(reference)
     assert len(ref_losses) == STEPS and ref_losses[-1] < ref_losses[0]
-    for sched in ("1f1b", "gpipe"):
+    runs = ["1f1b", "gpipe", "zbh1"] + (["recompute-zbh1"] if layout == "p2" else [])
+    for sched in runs:
         run = Path(f"{base}-{sched}")
         assert losses(run) == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), sched
         assert_same_params(params(run), params(reference), sched)
         cfg = json.loads((run / "config.json").read_text())
-        assert cfg["pipeline"]["stages"] == 2 and cfg["pipeline"]["schedule"] == sched
+        assert cfg["pipeline"]["stages"] == 2 and cfg["pipeline"]["schedule"] == sched.split("-")[-1]
         assert cfg["pipeline"]["dp_size"] == dp_size
 
 
@@ -67,7 +72,7 @@ def dp_records(run: Path) -> list[dict]:
 def test_dp_allreduce_overlaps_last_backward(p2xd2):
     # every gradient allreduce of both stages started inside the stage's last backward pass
     # (a post-accumulate hook), none after it: 0.0 if the allreduce ran after engine.step
-    for sched in ("1f1b", "gpipe"):
+    for sched in ("1f1b", "gpipe", "zbh1"):
         recs = dp_records(Path(f"{p2xd2}-{sched}"))
         assert len(recs) == STEPS, sched
         for r in recs:

@@ -2,8 +2,8 @@
 import pytest
 
 from hpcllm.parallel.pipeline.schedules import (
-    BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD, Deadlock, Instr, build_schedule,
-    gpipe, ideal_bubble, one_f_one_b, peak_activations, simulate,
+    BWD, FWD, RECV_BWD, RECV_FWD, SEND_BWD, SEND_FWD, WGT, Deadlock, Instr, build_schedule,
+    gpipe, ideal_bubble, one_f_one_b, peak_activations, simulate, step_time,
 )
 
 SHAPES = [(P, M) for P in range(1, 9) for M in (1, 2, 3, 4, 5, 7, 8, 13, 16, 32)]
@@ -13,16 +13,19 @@ def programs(name, P, M):
     return [build_schedule(name, s, P, M) for s in range(P)]
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zbh1"])
 @pytest.mark.parametrize("P,M", SHAPES)
 def test_every_microbatch_once_in_dependency_order(name, P, M):
     for s, prog in enumerate(programs(name, P, M)):
         for op in (FWD, BWD):
             assert sorted(i.mb for i in prog if i.op == op) == list(range(M))
+        assert sorted(i.mb for i in prog if i.op == WGT) == (list(range(M)) if name == "zbh1" else [])
         pos = {(i.op, i.mb): k for k, i in enumerate(prog)}
         for mb in range(M):
             # a micro-batch's backward follows its forward; receives precede, sends follow
             assert pos[(FWD, mb)] < pos[(BWD, mb)]
+            if name == "zbh1":  # the weight pass uses what the input pass stashed
+                assert pos[(BWD, mb)] < pos[(WGT, mb)]
             if s > 0:
                 assert pos[(RECV_FWD, mb)] < pos[(FWD, mb)] < pos[(BWD, mb)] < pos[(SEND_BWD, mb)]
             else:
@@ -33,7 +36,7 @@ def test_every_microbatch_once_in_dependency_order(name, P, M):
                 assert (SEND_FWD, mb) not in pos and (RECV_BWD, mb) not in pos
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "zbh1"])
 @pytest.mark.parametrize("P,M", SHAPES)
 @pytest.mark.parametrize("slots", [1, 2])
 def test_no_deadlock_and_matched_messages(name, P, M, slots):
@@ -96,6 +99,42 @@ def test_simulator_detects_deadlock_and_mismatch():
     swapped[1] = [Instr(i.op, 1 - i.mb) if i.op == RECV_FWD else i for i in swapped[1]]
     with pytest.raises(AssertionError, match="expects activation"):
         simulate(swapped)
+
+
+@pytest.mark.parametrize("P,M", SHAPES)
+def test_zbh1_keeps_1f1b_order_and_bounds_deferred_work(P, M):
+    for s, (zb, ref) in enumerate(zip(programs("zbh1", P, M), programs("1f1b", P, M))):
+        # without the weight passes it is 1F1B, messages included
+        assert [i for i in zb if i.op != WGT] == ref
+        deferred = peak = 0
+        for i in zb:
+            deferred += (i.op == BWD) - (i.op == WGT)
+            peak = max(peak, deferred)
+        assert peak <= P  # at most P micro-batches' weight work waits at once
+        assert peak_activations(zb) <= min(P - s, M) + P
+
+
+@pytest.mark.parametrize("P,M", [(P, M) for P in (2, 3, 4, 8) for M in (1, 2, 4, 8, 16, 32)])
+def test_zbh1_cuts_the_bubble_to_a_third(P, M):
+    one_f, zb = step_time(programs("1f1b", P, M)), step_time(programs("zbh1", P, M))
+    assert one_f == 3 * (M + P - 1)  # unit costs: F = 1, B = 2, bubble (P - 1)(F + B)
+    assert zb < one_f
+    if M >= P:  # ZB-H1's bound: bubble (P - 1)(F + B - W), a third of 1F1B's
+        assert zb == 3 * M + (P - 1)
+    # and the engine-level simulation agrees that it cannot deadlock on one send slot
+    simulate(programs("zbh1", P, M), send_slots=1)
+
+
+def test_zbh1_example():
+    # P=2, M=4: the last stage sends each input gradient before its weight pass; the first
+    # stage fills its wait for gradient 1 with weight pass 0
+    ops = lambda prog: [i for i in prog if i.op in (FWD, BWD, WGT)]
+    assert ops(build_schedule("zbh1", 1, 2, 4)) == [
+        Instr(FWD, 0), Instr(BWD, 0), Instr(FWD, 1), Instr(BWD, 1), Instr(WGT, 0), Instr(FWD, 2), Instr(BWD, 2),
+        Instr(WGT, 1), Instr(FWD, 3), Instr(BWD, 3), Instr(WGT, 2), Instr(WGT, 3)]
+    assert ops(build_schedule("zbh1", 0, 2, 4)) == [
+        Instr(FWD, 0), Instr(FWD, 1), Instr(BWD, 0), Instr(FWD, 2), Instr(BWD, 1), Instr(WGT, 0), Instr(FWD, 3),
+        Instr(BWD, 2), Instr(WGT, 1), Instr(WGT, 2), Instr(BWD, 3), Instr(WGT, 3)]
 
 
 def test_unknown_schedule():

@@ -3,8 +3,9 @@
 Every rank builds the whole toy model (it is tiny) with the same seed, runs its own stage
 through the engine and reports its stage's gradients next to the single-process ones.
 Also sends bf16/fp16 tensors through a Channel and reports whether the bits arrived intact,
-and checks the engine's ``last_backward`` context: entered once per step, around the backward
-in which every parameter's gradient reaches its final value (what the trainer's DP overlap needs).
+and checks the engine's ``last_backward`` context: entered once per step around the backward
+in which every parameter's gradient reaches its final value (what the trainer's DP overlap
+needs), and under zero-bubble schedules a second time, around the last weight-gradient pass.
 """
 import argparse
 import contextlib
@@ -78,6 +79,8 @@ def last_backward():
 for n, prm in stage.named_parameters():
     prm.register_post_accumulate_grad_hook(
         lambda q, n=n: seen.__setitem__(n, seen.get(n, 0) + 1) if armed[0] else None)
+    prm.register_post_accumulate_grad_hook(  # in which entry of last_backward it became final
+        lambda q, n=n: seen.__setitem__(n + ".entry", len(entered)) if armed[0] else None)
     prm.register_post_accumulate_grad_hook(
         lambda q, n=n: seen.__setitem__(n + ".grad", q.grad.clone()) if armed[0] else None)
 for step in range(2):
@@ -97,8 +100,9 @@ for step in range(2):
         comm.Abort(4)
     if step == 0:
         grads = [p.grad.clone() for p in stage.parameters()]
-        # every gradient seen once, inside the one last_backward, already at its final value
-        hook_ok = len(entered) == 1 and all(
+        # every gradient seen once, inside a last_backward, already at its final value
+        entry_of = {n: seen.get(n + ".entry") for n, _ in stage.named_parameters()}
+        hook_ok = len(entered) == len(eng.final_passes) and all(
             seen.get(n) == 1 and torch.equal(seen[n + ".grad"], p.grad) for n, p in stage.named_parameters())
         stage.zero_grad()
 comm.Barrier()
@@ -129,4 +133,5 @@ report({
     "losses": losses, "ref_loss": ref_loss,
     "max_grad_diff": max((g - r).abs().max().item() for g, r in zip(grads, ref_grads)),
     "peak_live": eng.stats.peak_live, "bits_ok": bits_ok, "last_backward_ok": hook_ok,
+    "final_in_entry": entry_of, "final_passes": len(eng.final_passes),
 })
