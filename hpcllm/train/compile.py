@@ -28,3 +28,14 @@ def compile_blocks(blocks) -> int:
         blk.compile()
         n += 1
     return n
+
+
+def compile_report() -> str:
+    """What Dynamo compiled in this process so far, for the log after the first step: a run
+    that asked for ``--compile`` and compiled nothing (0 graphs) or broke its graphs shows
+    it here rather than only in its tokens/s."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"].get("unique_graphs", 0)
+    breaks = sum(counters["graph_break"].values())
+    return f"{graphs} graph{'s' if graphs != 1 else ''} compiled, {breaks} graph break{'s' if breaks != 1 else ''}"

@@ -403,6 +403,10 @@ def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
         scaler.update(agreed.overflow)
         metrics.step(agreed.loss, time.perf_counter() - t0, sync_s)
         done = step + 1
+        if cfg.parallel.compile and done == start_step + 1:
+            from hpcllm.train.compile import compile_report
+
+            log(dp, f"torch.compile: {compile_report()} (rank 0, first step)")
 
         record = {}
         if done % lg.log_every == 0 or done == cfg.steps or agreed.stop:

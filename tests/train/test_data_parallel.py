@@ -1,6 +1,7 @@
 """Horovod data parallelism under real mpirun: N ranks x accumulation a must train exactly
 like 1 rank x accumulation N*a on the same global batches."""
 import json
+import re
 
 import pytest
 import torch
@@ -82,6 +83,8 @@ def test_compiled_blocks_train_like_eager_under_horovod(dataset, single_rank_acc
                   timeout=300)
     res.check()
     assert "compiling 2 blocks with torch.compile" in res.stdout
+    # Dynamo really compiled the blocks (one graph serves both identical blocks), unbroken
+    assert re.search(r"torch\.compile: [1-9]\d* graphs? compiled, 0 graph breaks", res.stdout), res.stdout
     la, lb = losses(single_rank_accum4), losses(out)
     assert sorted(lb) == list(range(1, STEPS + 1))
     for s in la:

@@ -159,7 +159,8 @@ class PipelineEngine:
             elif op == S.WGT:
                 around = last_backward if k in self.final_passes and last_backward else contextlib.nullcontext
                 with around():
-                    deferral.apply(mb)
+                    # the last pass through autograd: its gradient hooks (DP allreduce) fire
+                    deferral.apply(mb, through_autograd=k in self.final_passes)
                 live -= 1  # as schedules.peak_activations counts: until the weight pass
                 compute += time.perf_counter() - t0
             elif op == S.SEND_BWD:

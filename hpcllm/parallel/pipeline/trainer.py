@@ -613,6 +613,10 @@ def _train(cfg: TrainConfig, layout: PipelineLayout) -> int:
             scaler.update(overflow)
             metrics.step(agreed_loss, time.perf_counter() - t0, allreduce.wait_s)
             done = step + 1
+            if pc.compile and done == start_step + 1:
+                from hpcllm.train.compile import compile_report
+
+                _log(layout, f"torch.compile: {compile_report()} (rank 0, first step)")
 
             record = {}
             if done % lg.log_every == 0 or done == cfg.steps or want_stop:
