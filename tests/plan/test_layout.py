@@ -34,6 +34,10 @@ def test_pipeline_bubble_is_p_minus_1_micro_batch_slots():
     L = evaluate(SHAPE, Setup(micro_batch=2, pipeline_stages=4, data_parallel=1, microbatches=12), cl)
     assert L.time.bubble / L.time.compute == pytest.approx(3 / 12)
     assert L.time.bubble / (L.time.compute + L.time.bubble) == pytest.approx(3 / (12 + 4 - 1))
+    # ZB-H1 fills two thirds of it with deferred weight passes: (P - 1)(F + B - W), F = B = W
+    zb = evaluate(SHAPE, Setup(micro_batch=2, pipeline_stages=4, data_parallel=1, microbatches=12,
+                               schedule="zbh1"), cl)
+    assert zb.time.bubble == pytest.approx(L.time.bubble / 3) and zb.time.compute == L.time.compute
 
 
 def test_compute_time_is_flops_over_peak_times_mfu():

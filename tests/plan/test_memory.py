@@ -80,7 +80,8 @@ def test_activation_model_equals_the_tensors_pytorch_saves(precision):
     assert measured == pytest.approx(predicted, rel=0.02)
 
 
-@pytest.mark.parametrize("schedule,P,M,first_stage", [("1f1b", 4, 8, 4), ("1f1b", 4, 2, 2), ("gpipe", 4, 8, 8)])
+@pytest.mark.parametrize("schedule,P,M,first_stage", [("1f1b", 4, 8, 4), ("1f1b", 4, 2, 2), ("gpipe", 4, 8, 8),
+                                                      ("zbh1", 4, 8, 7)])  # counted until the weight pass
 def test_in_flight_micro_batches_of_the_schedules(schedule, P, M, first_stage):
     setup = Setup(micro_batch=1, pipeline_stages=P, microbatches=M, schedule=schedule)
     assert inflight_microbatches(setup, 0) == first_stage
