@@ -139,7 +139,13 @@ class PipelineEngine:
                 self.to_next.send(outputs[mb], mb)
                 wait += time.perf_counter() - t0
             elif op == S.RECV_BWD:
-                grads[mb] = self.from_next.recv(mb)
+                if deferral is None:  # the ring buffer itself, released after the backward
+                    grads[mb] = self.from_next.recv(mb)
+                else:
+                    # a deferred weight pass keeps its output gradient until ``wgt``, and that
+                    # can be this very tensor (a stage ending in a linear layer, or a residual
+                    # add passing it on): the ring buffer would be overwritten by then
+                    grads[mb] = self.from_next.recv_owned(mb)
                 wait += time.perf_counter() - t0
             elif op == S.BWD:
                 out = outputs.pop(mb)
@@ -149,7 +155,7 @@ class PipelineEngine:
                         (out * (loss_scale / M)).backward()
                     else:
                         torch.autograd.backward(out, grads.pop(mb))
-                if not self.last:
+                if not self.last and deferral is None:
                     self.from_next.release(mb)
                 if self.first:
                     inputs.pop(mb, None)

@@ -189,6 +189,14 @@ class Channel:
             return buf.to(self.device, non_blocking=False)
         return buf
 
+    def recv_owned(self, mb: int) -> torch.Tensor:
+        """Like :meth:`recv`, but a tensor the caller owns, and the slot is released at once
+        (a copy of the buffer; staged transfers already are one)."""
+        buf = self.recv(mb)
+        out = buf if self.mode == "staged" else buf.clone()
+        self.release(mb)
+        return out
+
     def release(self, mb: int) -> None:
         """The buffer of ``mb`` may be overwritten: post the next receive into it."""
         self._post(self.slot_of.pop(mb))
