@@ -22,6 +22,10 @@ last), 2 ranks x 1 thread.  For each M in 2, 4, 8, 16 (micro-batch 16/M):
   ``(ceil)`` = hpcllm's speedup over ``ceil x (1 - ideal bubble)``.
 - **torch**: the same split with ``torch.distributed.pipelining`` ``Schedule1F1B`` over gloo
   (untied embeddings, which it requires), AdamW step.
+- **of split ideal** (JSON ``hpcllm_of_split_ideal``): 1F1B's best step for this split,
+  from each stage's measured compute time (:func:`split_ideal`), over the measured step.
+  The two stages are not equal (the last also computes the head and the loss), which the
+  (P-1)/(M+P-1) ideal ignores.
 - **act MiB**: peak bytes of tensors saved for backward per stage under 1F1B (saved-tensor
   hooks, one extra step), showing 1F1B's bound of P - s micro-batches in flight; **RSS MiB**: peak
   resident memory of each stage's process (whole run, torch baseline included).
@@ -185,6 +189,7 @@ class Hpcllm:
         self.eng = PipelineEngine(self.stage, self.layout.pipe, self.layout.stage, P, schedule, M,
                                   (self.mb, cfg.seq_len, cfg.d_model), torch.float32)
         self.bubbles = []
+        self.compute = []  # this stage's forward/backward seconds per step
         self.act_peak = 0
 
     def step(self, step: int, measure_memory: bool = False) -> float:
@@ -205,6 +210,7 @@ class Hpcllm:
             self.act_peak = saved.peak
         else:
             self.bubbles.append(self.eng.stats.wait_s / self.eng.stats.step_s)
+            self.compute.append(self.eng.stats.compute_s)
         return self.comm.allreduce(el, op=_mpi().MAX)  # the pipeline's step is its slowest stage's
 
 
@@ -310,6 +316,7 @@ def worker(args) -> None:
         out["rows"].append({"M": M, "times": times, "bubble": statistics.median(hp.bubbles[args.warmup:]),
                             "zbh1_bubble": statistics.median(zb.bubbles[args.warmup:]),
                             "zbh1_peak_live": zb.eng.stats.peak_live,
+                            "compute_s": statistics.median(hp.compute[args.warmup:]),
                             "act_peak_mib": hp.act_peak / 2 ** 20, "peak_live": hp.eng.stats.peak_live,
                             "stage": hp.layout.stage})
         del systems
@@ -344,6 +351,15 @@ def run_workers(args) -> list:
             cmd.append("--no-torch")
         subprocess.run(cmd, check=True, timeout=1800)
         return json.loads(out.read_text())
+
+
+def split_ideal(compute_s: list[float], M: int) -> float:
+    """Shortest 1F1B step for stages that compute ``compute_s`` seconds per step each:
+    ``M`` micro-batches through the slowest stage plus one through each other stage.
+    Unlike (P-1)/(M+P-1) it accounts for unbalanced stages (here the last one also runs the
+    head and the loss) and for the two ranks slowing each other down."""
+    per_mb = [c / M for c in compute_s]
+    return M * max(per_mb) + sum(per_mb) - max(per_mb)
 
 
 def main(argv=None) -> int:
@@ -383,6 +399,10 @@ def main(argv=None) -> int:
                "hpcllm_speedup": hp_tps / one, "hpcllm_of_ideal": hp_tps / one / P / (1 - ideal_bubble),
                "median_hpcllm_speedup": med["single"] / med["hpcllm"],
                "hpcllm_of_ideal_at_ceiling": hp_tps / one / ceiling / (1 - ideal_bubble),
+               # the best 1F1B step for this split as the ranks computed it: the slowest
+               # stage busy M times, the others once each (fill and drain), no waiting
+               "compute_s_per_stage": [r["compute_s"] for r in per_rank],
+               "hpcllm_of_split_ideal": split_ideal([r["compute_s"] for r in per_rank], M) / best["hpcllm"],
                "ideal_bubble": ideal_bubble, "measured_bubble": max(r["bubble"] for r in per_rank),
                "measured_bubble_per_stage": [r["bubble"] for r in per_rank],
                "act_peak_mib_per_stage": [r["act_peak_mib"] for r in per_rank],
@@ -418,6 +438,9 @@ def main(argv=None) -> int:
               f"{r.get('hpcllm_over_torch', nan):>10.2f} {r.get('zbh1_over_torch', nan):>10.2f} "
               f"{r['measured_bubble']:>8.3f}/{r['zbh1_measured_bubble']:.3f}/{r['ideal_bubble']:<6.3f} "
               f"{r['act_peak_mib_per_stage'][0]:>6.1f}/{r['act_peak_mib_per_stage'][1]:<6.1f}")
+    print("1f1b of the best step for this split (stages' measured compute, no waiting): "
+          + " / ".join(f"{r['hpcllm_of_split_ideal']:.2f}" for r in rows)
+          + "; compute per step s0/s1: " + ", ".join("/".join(f"{c:.2f}" for c in r["compute_s_per_stage"]) for r in rows))
     print(f"peak RSS per stage process: {rss[0]:.0f} / {rss[1]:.0f} MiB; bubble column: measured/ideal; "
           f"{time.time() - t0:.0f} s")
     goal_ideal = all(r["hpcllm_of_ideal"] >= 0.95 for r in rows if r["M"] >= 8)
