@@ -23,7 +23,8 @@ last), 2 ranks x 1 thread.  For each M in 2, 4, 8, 16 (micro-batch 16/M):
 - **torch**: the same split with ``torch.distributed.pipelining`` ``Schedule1F1B`` over gloo
   (untied embeddings, which it requires), AdamW step.
 - **of split ideal** (JSON ``hpcllm_of_split_ideal``): 1F1B's best step for this split,
-  from each stage's measured compute time (:func:`split_ideal`), over the measured step.
+  from each stage's measured compute time in that step (:func:`split_ideal`), over the
+  engine's step time (the slower stage's), median over the measured steps.
   The two stages are not equal (the last also computes the head and the loss), which the
   (P-1)/(M+P-1) ideal ignores.
 - **act MiB**: peak bytes of tensors saved for backward per stage under 1F1B (saved-tensor
@@ -189,7 +190,7 @@ class Hpcllm:
         self.eng = PipelineEngine(self.stage, self.layout.pipe, self.layout.stage, P, schedule, M,
                                   (self.mb, cfg.seq_len, cfg.d_model), torch.float32)
         self.bubbles = []
-        self.compute = []  # this stage's forward/backward seconds per step
+        self.compute = []  # per step: (this stage's forward/backward seconds, engine step seconds)
         self.act_peak = 0
 
     def step(self, step: int, measure_memory: bool = False) -> float:
@@ -210,7 +211,7 @@ class Hpcllm:
             self.act_peak = saved.peak
         else:
             self.bubbles.append(self.eng.stats.wait_s / self.eng.stats.step_s)
-            self.compute.append(self.eng.stats.compute_s)
+            self.compute.append((self.eng.stats.compute_s, self.eng.stats.step_s))
         return self.comm.allreduce(el, op=_mpi().MAX)  # the pipeline's step is its slowest stage's
 
 
@@ -316,7 +317,7 @@ def worker(args) -> None:
         out["rows"].append({"M": M, "times": times, "bubble": statistics.median(hp.bubbles[args.warmup:]),
                             "zbh1_bubble": statistics.median(zb.bubbles[args.warmup:]),
                             "zbh1_peak_live": zb.eng.stats.peak_live,
-                            "compute_s": statistics.median(hp.compute[args.warmup:]),
+                            "compute_steps": hp.compute[args.warmup:],
                             "act_peak_mib": hp.act_peak / 2 ** 20, "peak_live": hp.eng.stats.peak_live,
                             "stage": hp.layout.stage})
         del systems
@@ -401,8 +402,10 @@ def main(argv=None) -> int:
                "hpcllm_of_ideal_at_ceiling": hp_tps / one / ceiling / (1 - ideal_bubble),
                # the best 1F1B step for this split as the ranks computed it: the slowest
                # stage busy M times, the others once each (fill and drain), no waiting
-               "compute_s_per_stage": [r["compute_s"] for r in per_rank],
-               "hpcllm_of_split_ideal": split_ideal([r["compute_s"] for r in per_rank], M) / best["hpcllm"],
+               "compute_s_per_stage": [statistics.median(c for c, _ in r["compute_steps"]) for r in per_rank],
+               "hpcllm_of_split_ideal": statistics.median(
+                   split_ideal([r["compute_steps"][i][0] for r in per_rank], M)
+                   / max(r["compute_steps"][i][1] for r in per_rank) for i in range(len(per_rank[0]["compute_steps"]))),
                "ideal_bubble": ideal_bubble, "measured_bubble": max(r["bubble"] for r in per_rank),
                "measured_bubble_per_stage": [r["bubble"] for r in per_rank],
                "act_peak_mib_per_stage": [r["act_peak_mib"] for r in per_rank],
