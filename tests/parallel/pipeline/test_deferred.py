@@ -63,6 +63,19 @@ def test_deferred_weight_grads_equal_autograd(precision, recompute):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
+def test_keyword_arguments_and_bias_free_linear_are_deferred():
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    x = torch.randn(2, 4, requires_grad=True)
+    d = WeightGradDeferral()
+    with d.forward():
+        out = torch.nn.functional.linear(input=x, weight=w)
+    with d.backward(0):
+        out.square().sum().backward()
+    assert w.grad is None and x.grad is not None and d.outstanding == 1
+    d.apply(0)
+    torch.testing.assert_close(w.grad, (2 * out.detach()).t() @ x.detach())
+
+
 def test_linear_fed_by_data_is_not_deferred():
     # an input without gradient: nothing calls the backward that would stash the weight work
     lin = torch.nn.Linear(4, 4)
