@@ -4,16 +4,16 @@ Zero-bubble schedules (:func:`hpcllm.parallel.pipeline.schedules.zero_bubble_h1`
 backward of a micro-batch in two passes: ``bwd`` computes the gradient the previous stage
 waits for, ``wgt`` the parameter gradients nobody waits for, run later to fill the bubble.
 The model stays plain PyTorch: while :meth:`WeightGradDeferral.forward` is active, a torch
-function mode routes every ``F.linear`` with a trainable weight (every ``nn.Linear`` and the
-tied head) whose input needs a gradient through :class:`_DeferredLinear`, whose backward returns the input gradient and
-stashes ``(input, output gradient)`` for :meth:`WeightGradDeferral.apply`.  Linear layers
-hold nearly all of a GPT's weight-gradient FLOPs; the few other parameters (norms,
-embeddings) get their gradients in ``bwd`` as usual.
+function mode routes every ``F.linear`` with a trainable weight whose input needs a gradient
+(every ``nn.Linear`` and the tied head) through :class:`_DeferredLinear`, whose backward
+returns the input gradient and stashes ``(input, output gradient)`` for
+:meth:`WeightGradDeferral.apply`.  Linear layers hold nearly all of a GPT's weight-gradient
+FLOPs; the few other parameters (norms, embeddings) get their gradients in ``bwd`` as usual.
 
-Numerically a deferred weight gradient is the same product autograd computes
-(``grad_out^T @ input`` in the autocast dtype, cast to the parameter's dtype), accumulated
-through autograd itself (``torch.autograd.backward`` on the parameter), so gradient hooks
-such as the data-parallel allreduce's post-accumulate hooks fire as usual.
+Numerically a deferred weight gradient is the product autograd computes (``grad_out^T @
+input`` in the autocast dtype, added to ``.grad`` in the parameter's dtype).  The stash holds
+the output gradient by reference until ``apply``: a caller that feeds backward a gradient
+living in a reused buffer (the engine's receive ring) must pass a copy instead.
 """
 from __future__ import annotations
 
