@@ -3,11 +3,14 @@
 Zero-bubble schedules (:func:`hpcllm.parallel.pipeline.schedules.zero_bubble_h1`) need the
 backward of a micro-batch in two passes: ``bwd`` computes the gradient the previous stage
 waits for, ``wgt`` the parameter gradients nobody waits for, run later to fill the bubble.
-The model stays plain PyTorch: while :meth:`WeightGradDeferral.forward` is active, a torch
-function mode routes every ``F.linear`` with a trainable weight whose input needs a gradient
-(every ``nn.Linear`` and the tied head) through :class:`_DeferredLinear`, whose backward
-returns the input gradient and stashes ``(input, output gradient)`` for
-:meth:`WeightGradDeferral.apply`.  Linear layers hold nearly all of a GPT's weight-gradient
+The model stays plain PyTorch: :meth:`WeightGradDeferral.install` gives each ``nn.Linear``
+instance a forward that, while the deferral is active (:meth:`~WeightGradDeferral.forward`,
+:meth:`~WeightGradDeferral.backward`) and the input needs a gradient, runs the layer through
+:class:`_DeferredLinear`, whose backward returns the input gradient and stashes ``(input,
+output gradient)`` for :meth:`WeightGradDeferral.apply`.  ``F.linear`` calls outside modules
+(the tied head, ``F.linear(x, wte.weight)``) are routed the same way inside
+:meth:`~WeightGradDeferral.routing`, a torch function mode kept to such short regions: a
+mode sees every op, which cost about 0.35 ms per forward of a 2-block stage.  Linear layers hold nearly all of a GPT's weight-gradient
 FLOPs; the few other parameters (norms, embeddings) get their gradients in ``bwd`` as usual.
 
 Numerically a deferred weight gradient is the product autograd computes (``grad_out^T @
@@ -58,6 +61,14 @@ class _DeferredLinear(torch.autograd.Function):
         return grad_x, None, None
 
 
+def _route(store: "WeightGradDeferral", x, weight, bias):
+    # an input without gradient (a first layer fed data) leaves nothing to defer to:
+    # autograd would never call the backward that stashes the weight's share
+    if torch.is_grad_enabled() and weight.requires_grad and x.requires_grad:
+        return _DeferredLinear.apply(x, store, (weight, bias))
+    return F.linear(x, weight, bias)
+
+
 class _RouteLinear(TorchFunctionMode):
     def __init__(self, store: "WeightGradDeferral"):
         super().__init__()
@@ -65,14 +76,11 @@ class _RouteLinear(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and torch.is_grad_enabled():
+        if func is F.linear and self.store.active:
             x = args[0] if args else kwargs["input"]
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            # an input without gradient (a first layer fed data) leaves nothing to defer to:
-            # autograd would never call the backward that stashes the weight's share
-            if weight.requires_grad and x.requires_grad:
-                return _DeferredLinear.apply(x, self.store, (weight, bias))
+            return _route(self.store, x, weight, bias)
         return func(*args, **kwargs)
 
 
@@ -91,31 +99,58 @@ def _accumulate(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None)
 class WeightGradDeferral:
     """Collects deferred weight-gradient work per micro-batch.
 
-    ``with forward():`` around a micro-batch's forward, ``with backward(mb):`` around its
-    ``bwd`` pass, ``apply(mb)`` later computes and accumulates its weight gradients.  A
-    stage that recomputes activations must run the recomputation under :meth:`routing`
-    too (``torch.utils.checkpoint``'s ``context_fn``), so the recomputed graph matches the
-    one the forward saved.
+    ``install(module)`` once; then ``with forward():`` around a micro-batch's forward,
+    ``with backward(mb):`` around its ``bwd`` pass (an activation-recomputing backward
+    re-runs installed layers, which must build the graph the forward built), and
+    ``apply(mb)`` later computes and accumulates its weight gradients.
     """
 
     def __init__(self):
         self.pending: dict[int, list] = defaultdict(list)
         self._mb: int | None = None
+        self.active = False
+
+    def install(self, module: torch.nn.Module) -> int:
+        """Route ``module``'s ``nn.Linear`` layers through this deferral while it is active
+        (an instance-level ``forward``; the class and the parameters are untouched).
+        Returns how many layers."""
+        n = 0
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.forward = self._linear_forward(m)
+                n += 1
+        return n
+
+    def _linear_forward(self, m: torch.nn.Linear):
+        def forward(x):
+            if self.active:
+                return _route(self, x, m.weight, m.bias)
+            return F.linear(x, m.weight, m.bias)
+        return forward
 
     def routing(self) -> TorchFunctionMode:
-        """A context in which ``F.linear`` defers its weight gradient to this object."""
+        """A context in which every ``F.linear`` call defers its weight gradient to this
+        object while it is active (for linear calls outside ``nn.Linear`` modules; keep the
+        region short)."""
         return _RouteLinear(self)
 
+    @contextlib.contextmanager
+    def _activated(self):
+        was, self.active = self.active, True
+        try:
+            yield
+        finally:
+            self.active = was
+
     def forward(self):
-        return self.routing()
+        return self._activated()
 
     @contextlib.contextmanager
     def backward(self, mb: int):
-        # not under the mode: a backward call made inside a torch function mode runs with
-        # the mode popped, so the mode could not reach a recomputation anyway
         self._mb = mb
         try:
-            yield
+            with self._activated():
+                yield
         finally:
             self._mb = None
 

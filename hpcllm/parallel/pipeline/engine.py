@@ -68,8 +68,10 @@ class PipelineEngine:
         self.final_passes = {max(k for k, ins in enumerate(self.program) if ins.op == op)
                              for op in (S.BWD, S.WGT) if any(ins.op == op for ins in self.program)}
         self.deferral = WeightGradDeferral() if S.defers_weight_grads(self.program) else None
-        if self.deferral is not None and hasattr(stage_module, "recompute_context"):
-            stage_module.recompute_context = self.deferral.routing
+        if self.deferral is not None:
+            self.deferral.install(stage_module)
+            if hasattr(stage_module, "head_context"):  # a PipelineStage: its tied head
+                stage_module.head_context = self.deferral.routing
         self.device = torch.device(device)
         self.autocast = autocast or contextlib.nullcontext
         self.stats = StepStats()

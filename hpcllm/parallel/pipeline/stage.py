@@ -36,10 +36,10 @@ class PipelineStage(torch.nn.Module):
         self.cfg, self.stage, self.stages = cfg, stage, partition.stages
         self.first, self.last = stage == 0, stage == partition.stages - 1
         self.recompute = recompute
-        #: zero-argument context factory the recomputation of a block runs under (the
-        #: engine sets it when linear layers defer their weight gradients: the recomputed
-        #: graph must be built the way the forward built it)
-        self.recompute_context = None
+        #: zero-argument context factory the last stage's head runs under (the engine sets
+        #: it when linear layers defer their weight gradients: the tied head is an
+        #: ``F.linear`` call, not a module it can route)
+        self.head_context = None
         # built on the meta device then materialised: GPT.__init__ would otherwise draw a
         # throw-away initialisation on the CPU first
         with torch.device("meta"):
@@ -63,22 +63,20 @@ class PipelineStage(torch.nn.Module):
             return self.gpt.wte.weight
         return None
 
-    def _recompute_contexts(self):
-        again = self.recompute_context() if self.recompute_context else contextlib.nullcontext()
-        return contextlib.nullcontext(), again
-
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         g = self.gpt
         if self.first:
             x = g.embed(x)
         for blk in g.block_list():
             if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False, context_fn=self._recompute_contexts)
+                x = checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
         if not self.last:
             return x
-        return lm_loss(g.logits(x), targets)
+        with self.head_context() if self.head_context else contextlib.nullcontext():
+            logits = g.logits(x)
+        return lm_loss(logits, targets)
 
 
 def activation_dtype(cfg: GPTConfig, autocast_factory, device="cpu") -> torch.dtype:

@@ -15,17 +15,14 @@ CFG = GPTConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, vocab_size=64)
 def run(model, xs, ys, precision, recompute, deferral=None):
     """Forward + backward of each micro-batch (weight passes left to the caller when deferring)."""
     for mb, (x, y) in enumerate(zip(xs, ys)):
-        again = (lambda: (contextlib.nullcontext(), deferral.routing())) if deferral else None
         fwd = deferral.forward() if deferral else contextlib.nullcontext()
         with fwd, torch.autocast("cpu", dtype=precision or torch.float32, enabled=precision is not None):
             h = model.embed(x)
             for blk in model.block_list():
-                if recompute:
-                    kw = {"context_fn": again} if again else {}
-                    h = checkpoint(blk, h, use_reentrant=False, **kw)
-                else:
-                    h = blk(h)
-            loss = lm_loss(model.logits(h), y) / len(xs)
+                h = checkpoint(blk, h, use_reentrant=False) if recompute else blk(h)
+            with deferral.routing() if deferral else contextlib.nullcontext():  # the tied head
+                logits = model.logits(h)
+            loss = lm_loss(logits, y) / len(xs)
         with deferral.backward(mb) if deferral else contextlib.nullcontext():
             loss.backward()
 
@@ -42,6 +39,7 @@ def test_deferred_weight_grads_equal_autograd(precision, recompute):
     run(ref, xs, ys, precision, recompute)
 
     d = WeightGradDeferral()
+    assert d.install(mod) == 4 * CFG.n_layer  # qkv, proj, fc, proj per block
     fired = []
     for n, p in mod.named_parameters():
         p.register_post_accumulate_grad_hook(lambda q, n=n: fired.append(n))
@@ -67,7 +65,9 @@ def test_keyword_arguments_and_bias_free_linear_are_deferred():
     w = torch.nn.Parameter(torch.randn(3, 4))
     x = torch.randn(2, 4, requires_grad=True)
     d = WeightGradDeferral()
-    with d.forward():
+    with d.routing():  # routes only while the deferral is active
+        assert torch.nn.functional.linear(input=x, weight=w).grad_fn.name() != "_DeferredLinearBackward"
+    with d.forward(), d.routing():
         out = torch.nn.functional.linear(input=x, weight=w)
     with d.backward(0):
         out.square().sum().backward()
@@ -80,9 +80,20 @@ def test_linear_fed_by_data_is_not_deferred():
     # an input without gradient: nothing calls the backward that would stash the weight work
     lin = torch.nn.Linear(4, 4)
     d = WeightGradDeferral()
+    d.install(lin)
     x = torch.randn(2, 4)
     with d.forward():
         out = lin(x)
     with d.backward(0):
         out.sum().backward()
+    assert lin.weight.grad is not None and d.outstanding == 0
+
+
+def test_installed_layers_are_plain_while_the_deferral_is_inactive():
+    # evaluation, or the model used outside the engine: ordinary autograd
+    lin = torch.nn.Linear(4, 4)
+    d = WeightGradDeferral()
+    d.install(lin)
+    x = torch.randn(2, 4, requires_grad=True)
+    lin(x).sum().backward()
     assert lin.weight.grad is not None and d.outstanding == 0
