@@ -105,8 +105,10 @@ class ParallelConfig:
                                          "[default: 0.1 when the ranks compute on GPUs, 2 on CPU-only ranks]. "
                                          "Each cycle's negotiation spins a CPU core: with GPUs the cores are "
                                          "free and 0.1 ms gives the lowest allreduce latency; where ranks x "
-                                         "threads fill every core, 0.1 ms slowed a 2-rank CPU step 1.7x against "
-                                         "2 ms (benchmarks/train.py).")
+                                         "threads fill every core, 2 ms keeps it off the compute cores (without "
+                                         "Open MPI yielding, 0.1 ms slowed a 2-rank CPU step 1.7x; with the "
+                                         "yielding hpcllm sets, 0.1, 0.5 and 2 ms were within noise: "
+                                         "benchmarks/train.py).")
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
                                        "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")

@@ -24,8 +24,9 @@ from hpcllm.parallel.topology import Topology
 #: HOROVOD_CYCLE_TIME (ms) when --cycle-time-ms is not given, by where the ranks compute.
 #: GPU ranks leave CPU cores free for Horovod's background thread, so the shortest cycle
 #: wins (in-place allreduce at 0.1 ms: 0.84-0.98x mpi4py from 16 MiB up); CPU ranks fill the
-#: cores and each cycle's negotiation takes one from compute (2-rank CPU step: 0.1 ms 2.8 s,
-#: 1 ms 2.2 s, 2 ms 1.6 s, 5 ms 1.7 s; benchmarks/train.py).
+#: cores and each cycle's negotiation takes one from compute (2-rank CPU step before Open MPI
+#: yielding, see :func:`mpi_env`: 0.1 ms 2.8 s, 1 ms 2.2 s, 2 ms 1.6 s, 5 ms 1.7 s; with
+#: yielding 0.1, 0.5 and 2 ms were within noise of each other; benchmarks/train.py).
 AUTO_CYCLE_TIME_MS = {"cuda": 0.1, "cpu": 2.0}
 
 

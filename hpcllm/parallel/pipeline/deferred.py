@@ -9,9 +9,10 @@ instance a forward that, while the deferral is active (:meth:`~WeightGradDeferra
 :class:`_DeferredLinear`, whose backward returns the input gradient and stashes ``(input,
 output gradient)`` for :meth:`WeightGradDeferral.apply`.  ``F.linear`` calls outside modules
 (the tied head, ``F.linear(x, wte.weight)``) are routed the same way inside
-:meth:`~WeightGradDeferral.routing`, a torch function mode kept to such short regions: a
-mode sees every op, which cost about 0.35 ms per forward of a 2-block stage.  Linear layers hold nearly all of a GPT's weight-gradient
-FLOPs; the few other parameters (norms, embeddings) get their gradients in ``bwd`` as usual.
+:meth:`~WeightGradDeferral.routing`, a torch function mode kept to such short regions (a
+mode sees every op of the region: over a whole forward it ate most of ZB-H1's gain at M=16
+in benchmarks/pipeline.py).  Linear layers hold nearly all of a GPT's weight-gradient FLOPs;
+the few other parameters (norms, embeddings) get their gradients in ``bwd`` as usual.
 
 Numerically a deferred weight gradient is the product autograd computes (``grad_out^T @
 input`` in the autocast dtype, added to ``.grad`` in the parameter's dtype).  The stash holds
@@ -166,24 +167,19 @@ class WeightGradDeferral:
         one accumulation per parameter, so post-accumulate-grad hooks fire (the engine does
         this for the step's last weight pass, where the DP allreduce hooks are armed).
         Otherwise accumulate in place, ``grad.addmm_(grad_out^T, input)``: no autograd call
-        (about 1 ms per pass for a 2-block stage) and no separate add."""
-        work = self.pending.pop(mb, ())
-        if not through_autograd:
-            for inp, grad_out, weight, bias in work:
-                g2, x2 = grad_out.reshape(-1, grad_out.shape[-1]), inp.reshape(-1, inp.shape[-1])
-                _accumulate(weight, g2.t(), x2)
-                if bias is not None and bias.requires_grad:
-                    _accumulate(bias, g2.sum(0))
-            return
+        and no separate add."""
         grads: dict[torch.nn.Parameter, torch.Tensor] = {}
 
-        def add(p, g):
-            g = g.to(p.dtype)
+        def add(p, a, b=None):
+            if not through_autograd:
+                _accumulate(p, a, b)
+                return
+            g = (a.mm(b) if b is not None else a).to(p.dtype)
             grads[p] = grads[p] + g if p in grads else g
 
-        for inp, grad_out, weight, bias in work:
+        for inp, grad_out, weight, bias in self.pending.pop(mb, ()):
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            add(weight, g2.t().mm(inp.reshape(-1, inp.shape[-1])))
+            add(weight, g2.t(), inp.reshape(-1, inp.shape[-1]))
             if bias is not None and bias.requires_grad:
                 add(bias, g2.sum(0))
         if grads:

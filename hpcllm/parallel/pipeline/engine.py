@@ -119,6 +119,8 @@ class PipelineEngine:
             if op in (S.FWD, S.BWD, S.WGT):
                 for ch in channels:  # kick pending transfers before computing for a while
                     ch.progress()
+            # the passes after which gradients are final run inside last_backward
+            around = last_backward if last_backward and k in self.final_passes else contextlib.nullcontext
             t0 = time.perf_counter()
             if op == S.RECV_FWD:
                 buf = self.from_prev.recv(mb)
@@ -151,7 +153,6 @@ class PipelineEngine:
                 wait += time.perf_counter() - t0
             elif op == S.BWD:
                 out = outputs.pop(mb)
-                around = last_backward if k in self.final_passes and last_backward else contextlib.nullcontext
                 with around(), deferral.backward(mb) if deferral else contextlib.nullcontext():
                     if self.last:
                         (out * (loss_scale / M)).backward()
@@ -165,7 +166,6 @@ class PipelineEngine:
                     live -= 1
                 compute += time.perf_counter() - t0
             elif op == S.WGT:
-                around = last_backward if k in self.final_passes and last_backward else contextlib.nullcontext
                 with around():
                     # the last pass through autograd: its gradient hooks (DP allreduce) fire
                     deferral.apply(mb, through_autograd=k in self.final_passes)

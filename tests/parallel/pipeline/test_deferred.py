@@ -97,3 +97,34 @@ def test_installed_layers_are_plain_while_the_deferral_is_inactive():
     x = torch.randn(2, 4, requires_grad=True)
     lin(x).sum().backward()
     assert lin.weight.grad is not None and d.outstanding == 0
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["", "recompute"])
+def test_engine_defers_every_linear_of_a_real_stage_including_the_tied_head(recompute):
+    # what PipelineEngine wires for zbh1 on a GPT stage: its blocks' nn.Linear layers and the
+    # tied head (an F.linear call) all leave their gradients to the weight pass, whose result
+    # equals plain autograd's; the equivalence tests would pass even if nothing were deferred
+    from hpcllm.parallel.pipeline.engine import PipelineEngine
+    from hpcllm.parallel.pipeline.partition import Partition
+    from hpcllm.parallel.pipeline.stage import PipelineStage
+
+    part = Partition.from_counts([1, 1])
+    ref = PipelineStage(CFG, part, 1, seed=3)
+    st = PipelineStage(CFG, part, 1, seed=3, recompute=recompute)
+    # the last of 2 stages: its channels only allocate buffers, no MPI call is made here
+    eng = PipelineEngine(st, None, 1, 2, "zbh1", 2, (2, CFG.seq_len, CFG.d_model), torch.float32)
+    d = eng.deferral
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, CFG.seq_len, CFG.d_model, generator=g)
+    y = torch.randint(0, 64, (2, CFG.seq_len), generator=g)
+    ref(h.clone().requires_grad_(True), y).backward()
+    with d.forward():
+        loss = st(h.clone().requires_grad_(True), y)
+    with d.backward(0):
+        loss.backward()
+    linear = {n for n, m in st.gpt.named_modules() if isinstance(m, torch.nn.Linear)}
+    deferred = {n for n, _ in st.named_parameters() if n.rsplit(".", 1)[0] in linear} | {"wte.weight"}
+    assert {n for n, p in st.named_parameters() if p.grad is None} == deferred
+    d.apply(0)
+    for (n, p), q in zip(ref.named_parameters(), st.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
