@@ -177,33 +177,35 @@ class Hpcllm:
     def __init__(self, comm, M: int, schedule: str = "1f1b"):
         import torch
 
+        from hpcllm.config import ParallelConfig
+        from hpcllm.parallel.grad_sync import GradSync
+        from hpcllm.parallel.groups import init_groups
         from hpcllm.parallel.pipeline.engine import PipelineEngine
         from hpcllm.parallel.pipeline.partition import Partition
-        from hpcllm.parallel.pipeline.stage import PipelineStage
-        from hpcllm.parallel.pipeline.trainer import make_layout
+        from hpcllm.parallel.pipeline.stage import TIED, PipelineStage
 
         self.comm, self.M, self.mb = comm, M, GLOBAL // M
-        self.layout = make_layout(comm, P)
+        self.layout = lay = init_groups(ParallelConfig(pipeline_stages=P, threads=torch.get_num_threads()))
         cfg = gpt_cfg()
-        self.stage = PipelineStage(cfg, Partition.from_counts([2, 2]), self.layout.stage, seed=0)
+        self.stage = PipelineStage(cfg, Partition.from_counts([2, 2]), lay.stage, seed=0)
         self.opt = torch.optim.AdamW(self.stage.parameters(), lr=1e-4)
-        self.eng = PipelineEngine(self.stage, self.layout.pipe, self.layout.stage, P, schedule, M,
+        self.eng = PipelineEngine(self.stage, lay.comm["pp"], lay.stage, P, schedule, M,
                                   (self.mb, cfg.seq_len, cfg.d_model), torch.float32)
+        # the trainer's synchroniser: here only the tied embedding's sum (no replicas)
+        self.sync = GradSync(self.stage.named_parameters(), lay, tied=TIED)
         self.bubbles = []
         self.compute = []  # per step: (this stage's forward/backward seconds, engine step seconds)
         self.act_peak = 0
 
     def step(self, step: int, measure_memory: bool = False) -> float:
-        from hpcllm.parallel.pipeline.trainer import sum_tied_grad
-
         lay = self.layout
-        data = batches(self.M, step, self.mb) if (lay.first or lay.last) else None
+        data = batches(self.M, step, self.mb) if (lay.first_stage or lay.last_stage) else None
         saved = SavedBytes() if measure_memory else None
         self.comm.Barrier()
         t = time.perf_counter()
         with (saved.hooks() if saved else contextlib.nullcontext()):
             self.eng.step(data)
-        sum_tied_grad(lay, self.stage)
+        self.sync.finish()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         el = time.perf_counter() - t

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hpcllm.model.gpt import PRESETS, GPTConfig  # noqa: E402
 from hpcllm.plan.devices import cpu_profile  # noqa: E402
-from hpcllm.train.precision import cpu_has_fast_bf16  # noqa: E402
+from hpcllm.train.precision import BF16_MIN_SPEEDUP, cpu_matmul_probe  # noqa: E402
 from hpcllm.plan.layout import Cluster, evaluate  # noqa: E402
 from hpcllm.plan.measure import measure  # noqa: E402
 from hpcllm.plan.memory import Setup, Shape, stage_layers, stage_memory  # noqa: E402
@@ -55,7 +55,7 @@ def main():
 
     # ---- throughput: the CPU benchmark configuration
     cfg = PRESETS["small"]
-    precisions = ["fp32"] + (["bf16"] if cpu_has_fast_bf16() else [])
+    precisions = ["fp32"] + (["bf16"] if cpu_matmul_probe(1024, 1024, 1024).bf16_speedup >= BF16_MIN_SPEEDUP else [])
     rows = []
     for prec in precisions:
         shape = Shape.from_config(cfg)

@@ -619,7 +619,7 @@ def run_kernels(threads: int = 2, repeats: int = 15) -> dict:
     import torch.nn.functional as F
 
     from hpcllm.model.gpt import GPT, GPTConfig, causal_attention
-    from hpcllm.train.trainer import build_optimizer
+    from hpcllm.train.setup import build_optimizer
 
     torch.set_num_threads(threads)
     s = SHAPE

@@ -121,9 +121,12 @@ class ParallelConfig:
                         "(zero-bubble 1F1B: linear layers' weight gradients deferred into the bubble, "
                         "a third of 1F1B's bubble for up to P more micro-batches of deferred work).",
                         choices=("1f1b", "gpipe", "zbh1"))
-    microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum].")
+    microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum; the same "
+                                      "quantity as --accum, named for pipelines].")
     balance: Optional[str] = opt(None, "Layers per stage, comma-separated (e.g. 5,4,4,3) [default: even].")
-    recompute: bool = opt(False, "Recompute activations in the backward pass (pipeline) to save memory.")
+    recompute: bool = opt(False, "Recompute each block's activations in the backward pass (any layout): "
+                          "keeps only block inputs between forward and backward, for about one more "
+                          "forward pass of compute.")
 
 
 @dataclass
@@ -317,8 +320,12 @@ def build_config(config_file: str | None = None, **flags) -> TrainConfig:
     ``flags`` are keyed by Click parameter name (``micro_batch``, ``data``, ``keep_checkpoints``).
     """
     cfg = TrainConfig()
+    given = set()
     if config_file:
-        apply_mapping(cfg, load_toml(config_file), str(config_file))
+        data = load_toml(config_file)
+        apply_mapping(cfg, data, str(config_file))
+        for key, value in data.items():
+            given |= {f"{key}.{k}" for k in value} if key in SECTIONS and isinstance(value, dict) else {key}
     by_param = {s.param: s for s in option_specs()}
     for param, value in flags.items():
         if value is None:
@@ -328,8 +335,22 @@ def build_config(config_file: str | None = None, **flags) -> TrainConfig:
             raise HpcllmError(f"unknown train option {param}")
         target = cfg if spec.section is None else getattr(cfg, spec.section)
         setattr(target, spec.name, _coerce(spec, value, spec.flag))
+        given.add(spec.name if spec.section is None else f"{spec.section}.{spec.name}")
+    cfg.given = frozenset(given)
     validate(cfg)
     return cfg
+
+
+def is_given(cfg: TrainConfig, key: str) -> bool:
+    """Whether option ``section.name`` was set (by a flag or the TOML file); for a config built
+    in Python, whether it differs from the default."""
+    given = getattr(cfg, "given", None)
+    if given is not None:
+        return key in given
+    section, _, name = key.rpartition(".")
+    now = getattr(getattr(cfg, section) if section else cfg, name)
+    default = getattr(SECTIONS[section]() if section else TrainConfig(), name)
+    return now != default
 
 
 def to_cli_args(flags: dict) -> list[str]:
@@ -372,6 +393,17 @@ def validate(cfg: TrainConfig) -> None:
     need(lg.eval_batches >= 1, f"--eval-batches {lg.eval_batches}: must be >= 1")
     need(p.threads is None or p.threads >= 1, f"--threads {p.threads}: must be >= 1")
     need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
+    need(p.microbatches is None or p.microbatches >= 1, f"--microbatches {p.microbatches}: must be >= 1")
+    # options of one layout are errors in another, never silently ignored
+    if p.pipeline_stages == 1:
+        for key, flag in (("parallel.schedule", "--schedule"), ("parallel.microbatches", "--microbatches"),
+                          ("parallel.balance", "--balance")):
+            need(not is_given(cfg, key), f"{flag} applies to pipeline stages only (--pipeline-stages > 1); "
+                 + ("without stages the micro-batches per step are --accum" if flag == "--microbatches"
+                    else "this run has none"))
+    elif p.microbatches is not None and is_given(cfg, "data.accum"):
+        need(p.microbatches == d.accum, f"--accum {d.accum} and --microbatches {p.microbatches}: both set the "
+             "micro-batches per pipeline step; give one of them")
     # compiled blocks would bake in the linear layers the zero-bubble split must intercept
     need(not (p.compile and p.schedule == "zbh1" and p.pipeline_stages > 1),
          "--compile does not combine with --schedule zbh1 (its weight-gradient split runs eager); "

@@ -48,9 +48,16 @@ def torch_checks() -> list:
                                     f"nccl {'.'.join(map(str, torch.cuda.nccl.version()))}"))
     else:
         checks.append(Check("cuda", f"not available (torch built with CUDA {torch.version.cuda})"))
-    from hpcllm.train.precision import cpu_has_fast_bf16
-    bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
-    checks.append(Check("bf16", "fast path available" if bf16 else "no native bf16 (fp32 or fp16 preferred)"))
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        checks.append(Check("bf16", "supported by the GPU" if bf16 else "no bf16 on this GPU (fp16 or fp32)"))
+    else:
+        # a flag is not a speed: measured, as --precision auto decides
+        from hpcllm.train.precision import choose_cpu_precision, cpu_has_fast_bf16, cpu_matmul_probe
+
+        choice, why = choose_cpu_precision(cpu_matmul_probe(1024, 1024, 1024))
+        flags = "AMX/AVX512-BF16 reported" if cpu_has_fast_bf16() else "no AMX/AVX512-BF16"
+        checks.append(Check("bf16", f"{why}; {flags}; --precision auto picks {choice}"))
     return checks
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: built-in corpus -> HDF5 shards -> GPT trained with Horovod on 2 MPI ranks in
-# bf16 where the CPU/GPU has fast bf16 (AMX, AVX512-BF16, recent GPUs), else fp32 (`--precision
+# bf16 where it measured faster than fp32 on this CPU/GPU (a short matmul probe), else fp32 (`--precision
 # auto`) -> a generated sample. Variables: VENV, DEMO_STEPS (800), DEMO_OUT (runs/demo),
 # DEMO_DATA (data/stdlib), DEMO_MODEL (mini), DEMO_PRECISION (auto).
 set -euo pipefail

@@ -9,8 +9,8 @@ import click
 def export(checkpoint, out):
     """Consolidate CHECKPOINT (a checkpoint directory or a run directory: its latest
     checkpoint) into one file with the model config, the full state dict and the tokenizer.
-    Pipeline checkpoints (model-stage{s}.pt per stage) are merged by parameter name."""
-    from hpcllm.parallel.pipeline.consolidate import export_checkpoint
+    Checkpoints of any layout (pipeline stages, replicas) are merged by parameter name."""
+    from hpcllm.infer.export import export_checkpoint
 
     src, written, stages = export_checkpoint(checkpoint, out)
     what = f"{stages} pipeline stages" if stages else "data-parallel checkpoint"

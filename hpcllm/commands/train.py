@@ -31,7 +31,7 @@ def train(config_file, **flags):
 
 
 # --------------------------------------------------------------------------- generate, plot
-# (train extras helper) Thin wrappers: the work is in hpcllm/train/generate.py and plot.py.
+# (train extras helper) Thin wrappers: the work is in hpcllm/infer/generate.py and hpcllm/train/plot.py.
 
 
 @click.command()
@@ -46,7 +46,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, devic
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
     tokenizer the model was trained with (checked by sha256). One process, no MPI."""
-    from hpcllm.train.generate import SampleConfig, generate as run_generate
+    from hpcllm.infer.generate import SampleConfig, generate as run_generate
 
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k or None, seed=seed)

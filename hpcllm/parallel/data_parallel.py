@@ -1,23 +1,17 @@
-"""Horovod data parallelism: environment knobs, init, optimizer wrapping, broadcasts, collectives.
+"""Horovod and Open MPI settings for a rank, applied before they start, and waiting on Horovod.
 
-Horovod reads its tuning knobs from the environment once, in ``hvd.init()``, so
-:func:`horovod_env` must be applied before it; :func:`init_data_parallel` does both.
-
-Without Horovod installed a single process still trains (``hpcllm train`` on a laptop):
-:class:`DataParallel` then has size 1 and its collectives are identities. A multi-rank launch
-without Horovod is an error, never N independent copies.
+Horovod reads its tuning knobs from the environment once, in ``hvd.init()``, and Open MPI in
+``MPI_Init``, so :func:`mpi_env` and :func:`horovod_env` must be applied before either starts;
+:func:`hpcllm.parallel.groups.init_groups` does that. The gradient reductions themselves are
+:class:`hpcllm.parallel.grad_sync.GradSync`'s.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
-from hpcllm.errors import HpcllmError
 from hpcllm.parallel.topology import Topology
 
 
@@ -95,155 +89,6 @@ def wait_handle(hvd, handle, interval_s: float = POLL_INTERVAL_S, max_interval_s
         pause = min(2 * pause, max_interval_s)
 
 
-def poll_until_done(hvd, optimizer, interval_s: float = POLL_INTERVAL_S) -> None:
-    """Wait for the optimizer's in-flight allreduces with :func:`wait_handle`. After this
-    returns, ``optimizer.synchronize()`` finds every handle complete and does not sleep."""
-    for handle, _ in list(getattr(optimizer, "_handles", {}).values()):
-        if handle is None or callable(handle):
-            continue
-        wait_handle(hvd, handle, interval_s)
-
-
-def _import_horovod():
-    try:
-        import horovod.torch as hvd
-    except ImportError:
-        return None
-    return hvd
-
-
-@dataclass
-class DataParallel:
-    """This process's place in the data-parallel group and the collectives training needs."""
-
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-    local_size: int = 1
-    cross_rank: int = 0
-    cross_size: int = 1
-    hvd: object = None  # the horovod.torch module, or None for a lone process
-    watchdog: object = None
-    """A :class:`~hpcllm.parallel.watchdog.Watchdog` timing every wait on the other ranks
-    (collectives below, except the checkpoint barrier: rank 0 writes files meanwhile)."""
-
-    def _waiting(self, what: str):
-        return self.watchdog.waiting(what) if self.watchdog is not None else contextlib.nullcontext()
-
-    @property
-    def distributed(self) -> bool:
-        """More than one rank: gradients go through Horovod. With one rank the optimizer is
-        left unwrapped (no allreduce of one, no background-thread round trip per step)."""
-        return self.hvd is not None and self.size > 1
-
-    @property
-    def is_root(self) -> bool:
-        """Rank 0: the one process that writes shared files (config, checkpoints, metrics)."""
-        return self.rank == 0
-
-    # ---------------------------------------------------------------- optimizer
-    def wrap_optimizer(self, optimizer, model, accum: int, compression: str = "none"):
-        """``hvd.DistributedOptimizer`` averaging gradients once every ``accum`` backward passes.
-
-        The gradients of the ``accum`` passes accumulate locally in ``.grad`` and are
-        allreduced (averaged over ranks) after the last one, overlapping with its backward.
-        """
-        if not self.distributed:
-            return optimizer
-        hvd = self.hvd
-        comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
-        return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                        compression=comp, backward_passes_per_step=accum, op=hvd.Average)
-
-    def synchronize(self, optimizer) -> None:
-        """Wait for the gradient allreduces (so they can be unscaled and clipped)."""
-        if self.distributed:
-            with self._waiting("the gradient allreduce"):
-                poll_until_done(self.hvd, optimizer)
-                optimizer.synchronize()
-
-    def step(self, optimizer) -> None:
-        """``optimizer.step()`` after :meth:`synchronize`, without a second synchronize."""
-        if not self.distributed:
-            optimizer.step()
-            return
-        with optimizer.skip_synchronize():
-            optimizer.step()
-
-    def skip_step(self, optimizer) -> None:
-        """Drop this step's (synchronized) gradients without updating: fp16 overflow."""
-        optimizer.zero_grad()
-        if self.distributed:
-            # Horovod warns when step() follows synchronize() outside skip_synchronize(); we
-            # did synchronize but deliberately take no step, so clear its bookkeeping flag.
-            optimizer._synchronized = False
-
-    # ---------------------------------------------------------------- broadcasts
-    def broadcast_model(self, model) -> None:
-        """Parameters and buffers of rank 0 everywhere (initial values or a loaded checkpoint)."""
-        if self.hvd is not None and self.size > 1:
-            with self._waiting("the broadcast of the parameters"):
-                self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-
-    def broadcast_optimizer_state(self, optimizer) -> None:
-        """Rank 0's optimizer state tensors everywhere, in place.
-
-        Horovod's own ``broadcast_optimizer_state`` initialises an empty state by taking an
-        optimizer step with zero gradients (which moves AdamW weights by weight decay and
-        advances its step counter); here an empty state is left empty: every rank starts
-        from the same empty state, so there is nothing to make equal.
-        """
-        if self.hvd is None or self.size == 1:
-            return
-        hvd = self.hvd
-        inner = optimizer
-        i = 0
-        for group in inner.param_groups:
-            for p in group["params"]:
-                st = inner.state.get(p, {})
-                for key in sorted(st):
-                    v = st[key]
-                    if torch.is_tensor(v):
-                        with self._waiting("the broadcast of the optimizer state"):
-                            hvd.broadcast_(v, root_rank=0, name=f"hpcllm.optstate.{i}.{key}")
-                i += 1
-
-    # ---------------------------------------------------------------- collectives
-    def allreduce_sum(self, t: torch.Tensor, name: str = "hpcllm.stats") -> torch.Tensor:
-        """Sum of ``t`` over ranks (a new tensor)."""
-        if self.hvd is None or self.size == 1:
-            return t.clone()
-        with self._waiting(f"allreduce {name}"):
-            return self.hvd.allreduce(t, op=self.hvd.Sum, name=name)
-
-    def allgather(self, t: torch.Tensor, name: str = "hpcllm.gather") -> torch.Tensor:
-        """Concatenation of every rank's ``t`` along dim 0, in rank order."""
-        if self.hvd is None or self.size == 1:
-            return t.clone()
-        with self._waiting(f"allgather {name}"):
-            return self.hvd.allgather(t, name=name)
-
-    def barrier(self) -> None:
-        if self.hvd is not None and self.size > 1:
-            self.hvd.barrier()
-
-    def abort(self, code: int = 1) -> None:
-        """End every rank now (after an unexpected exception on one rank)."""
-        if self.size > 1:
-            try:
-                from mpi4py import MPI
-
-                MPI.COMM_WORLD.Abort(code)
-            except Exception:
-                pass
-        os._exit(code)
-
-    def describe(self) -> str:
-        return (f"rank {self.rank}/{self.size} local {self.local_rank}/{self.local_size} "
-                f"cross {self.cross_rank}/{self.cross_size}"
-                + ("" if self.hvd is not None else " (no Horovod: single process)"))
-
-
 def set_threads(pcfg, local_size: int) -> int:
     """Intra-op threads for this rank: --threads, else the node's cores shared by its ranks."""
     # local_size comes from Horovod (authoritative after init), the rest from the environment
@@ -252,51 +97,3 @@ def set_threads(pcfg, local_size: int) -> int:
     n = pcfg.threads or Topology(local_size=local_size).threads_per_rank()
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
-
-
-def init_data_parallel(pcfg) -> DataParallel:
-    """Set Horovod's environment, ``hvd.init()``, and the per-rank thread count."""
-    topo = Topology.from_env()
-    hvd = _import_horovod()
-    if hvd is None:
-        if topo.world_size > 1:
-            raise HpcllmError(f"launched as {topo.world_size} ranks ({topo.launcher}) but Horovod is not "
-                              "installed (scripts/install.sh builds it); refusing to train "
-                              f"{topo.world_size} independent copies")
-        dp = DataParallel()
-    else:
-        os.environ.update(mpi_env(pcfg))  # read by MPI_Init, inside hvd.init()
-        os.environ.update(horovod_env(pcfg))
-        hvd.init()
-        dp = DataParallel(rank=hvd.rank(), size=hvd.size(), local_rank=hvd.local_rank(),
-                          local_size=hvd.local_size(), cross_rank=hvd.cross_rank(),
-                          cross_size=hvd.cross_size(), hvd=hvd)
-        if dp.size > 1:
-            from hpcllm.parallel.watchdog import Watchdog
-
-            dp.watchdog = Watchdog(dp.rank, pcfg.stall_shutdown_s, pcfg.stall_check_s)
-    set_threads(pcfg, dp.local_size)
-    return dp
-
-
-@contextlib.contextmanager
-def abort_on_exception(dp: DataParallel, expected=(HpcllmError,)):
-    """Turn an unexpected exception on one rank into the end of the whole job.
-
-    Expected errors (bad input, raised on every rank alike) propagate normally; anything else
-    prints its traceback and aborts MPI so the other ranks do not wait in a collective.
-    """
-    try:
-        yield
-    except expected:
-        raise
-    except (SystemExit, KeyboardInterrupt):
-        raise
-    except BaseException:
-        if dp.size > 1:
-            import traceback
-
-            traceback.print_exc()
-            print(f"hpcllm: rank {dp.rank} failed; aborting all {dp.size} ranks", file=sys.stderr, flush=True)
-            dp.abort(1)
-        raise

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass, field, replace
 
 from hpcllm.errors import HpcllmError
-from hpcllm.train.precision import cpu_has_fast_bf16
+from hpcllm.train.precision import cpu_matmul_probe
 
 GiB = 1024**3
 GB = 1e9
@@ -145,35 +145,15 @@ _GEMM_CACHE: dict = {}
 
 
 def measure_gemm_flops(seconds: float = 1.0) -> dict:
-    """FLOP/s of a square matmul on this CPU in fp32 and bf16 (best of at least 5 runs).
-
-    1024 x 1024 products (large enough that thread-pool barriers do not dominate on a busy
-    machine); bf16 uses 384 x 384 on CPUs without bf16 instructions, where PyTorch converts
-    and bf16 runs ~50x slower than fp32.
-    """
+    """FLOP/s of a 1024^3 matmul on this CPU in fp32 and bf16: the measurement ``--precision
+    auto`` and MFU use (:func:`hpcllm.train.precision.cpu_matmul_probe`, cached per machine).
+    ``seconds`` is kept for callers; the probe bounds its own time."""
     if _GEMM_CACHE:
         return dict(_GEMM_CACHE)
-    import time
-
-    import torch
-
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        n = 1024 if (name == "fp32" or cpu_has_fast_bf16()) else 384
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        a @ b  # warm-up: thread pool, kernel selection
-        best, runs = float("inf"), 0
-        t_end = time.perf_counter() + seconds
-        while runs < 5 or time.perf_counter() < t_end:
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-            runs += 1
-        out[name] = 2 * n**3 / best
-    out["fp16"] = out["bf16"]
+    probe = cpu_matmul_probe(1024, 1024, 1024)
+    out = {"fp32": probe.fp32, "bf16": probe.bf16, "fp16": probe.bf16}
     _GEMM_CACHE.update(out)
-    return out
+    return dict(out)
 
 
 def _load_toml(path: str) -> dict:

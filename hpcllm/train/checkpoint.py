@@ -1,10 +1,25 @@
 """Checkpoints on disk: the one module that writes and reads them.
 
-Layout::
+Layout (format ``hpcllm-checkpoint`` version 2, the same for every parallel layout)::
 
-    RUN/checkpoints/step-00000100/   model.pt (or model-stage{s}.pt), optim.pt (or optim-stage{s}.pt),
-                                     trainer.json, rng-rank{r}.pt, config.json [, tokenizer.json]
+    RUN/checkpoints/step-00000100/   model-00000.pt, optim-00000.pt [, model-00001.pt, ...],
+                                     trainer.json, config.json, rng-rank{r}.pt [, tokenizer.json]
     RUN/checkpoints/latest           text file: the newest complete directory's name
+
+Tensors are keyed by the **full model's parameter names** (``blocks.5.attn.qkv.weight``), in
+``model-NNNNN.pt`` (parameters and buffers: ``{name: tensor}``) and ``optim-NNNNN.pt``
+(``{"format": "hpcllm-named-optim", "state": {name: {exp_avg, exp_avg_sq, step}},
+"param_groups": [...]}``). Each *owner* writes one pair: the data-parallel rank 0 of each
+group that holds distinct tensors (rank 0 without stages; each pipeline stage's first
+replica), and each tensor is written by exactly one owner (the last stage's copy of the tied
+embedding is not: stage 0 owns it). ``trainer.json`` records the layout it was written under
+(``layout``: degrees, pipeline bounds, schedule, micro-batches); a reader never needs it to
+find a tensor: :class:`CheckpointReader` opens the model files memory-mapped and takes each
+name from whichever file holds it, so any layout loads any checkpoint.
+
+Checkpoints of the first format (version 1) still load: ``model.pt``/``optim.pt`` (data
+parallel, optimizer state indexed in :func:`hpcllm.train.setup.build_optimizer`'s order) and
+``model-stage{s}.pt``/``optim-stage{s}.pt`` (pipeline, keyed by name).
 
 Protocol (every rank calls :func:`save` with the files it owns): rank 0 clears a stale
 ``step-….tmp/`` and creates it; barrier; every rank writes its files into it; barrier; rank 0
@@ -50,10 +65,29 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+FORMAT = "hpcllm-checkpoint"
+VERSION = 2
+OPTIM_FORMAT = "hpcllm-named-optim"
+_MODEL_FILE_RE = re.compile(r"^model-(\d{5,})\.pt$")
+
+
+def model_file(owner: int) -> str:
+    return f"model-{owner:05d}.pt"
+
+
+def optim_file(owner: int) -> str:
+    return f"optim-{owner:05d}.pt"
+
+
+def has_model_files(d: Path) -> bool:
+    return (d / "model.pt").is_file() or any(d.glob("model-stage*.pt")) or any(
+        _MODEL_FILE_RE.match(f.name) for f in d.glob("model-*.pt"))
+
+
 def is_complete(d: Path) -> bool:
     """A finished checkpoint directory (never a ``.tmp`` one)."""
     return (d.is_dir() and _STEP_RE.match(d.name) is not None and (d / "trainer.json").is_file()
-            and ((d / "model.pt").is_file() or any(d.glob("model-stage*.pt"))))
+            and has_model_files(d))
 
 
 def list_checkpoints(run_dir) -> list[Path]:
@@ -190,10 +224,10 @@ def prune(run_dir, keep: int) -> list[Path]:
 # --------------------------------------------------------------------------- reading
 
 
-def load_torch(path: Path, map_location="cpu") -> Any:
+def load_torch(path: Path, map_location="cpu", mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``; a missing or damaged file is an HpcllmError."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise HpcllmError(f"{path}: missing from the checkpoint") from None
     except Exception as e:
@@ -244,3 +278,140 @@ def set_rng_state(d: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
     if "cuda" in d and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(d["cuda"])
+
+
+# --------------------------------------------------------------------------- tensors by name
+
+
+def named_optim_state(optimizer, named_params, exclude=()) -> dict:
+    """The optimizer's state keyed by parameter name (tensors on the CPU), the ``optim-*.pt``
+    payload; parameters named in ``exclude`` are left out (owned by another writer)."""
+    names = {id(p): n for n, p in named_params}
+    sd = optimizer.state_dict()
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {order[i]: {k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in s.items()}
+             for i, s in sd["state"].items() if order[i] not in exclude}
+    groups = [{k: v for k, v in g.items() if k != "params"}
+              | {"names": [order[i] for i in g["params"] if order[i] not in exclude]}
+              for g in sd["param_groups"]]
+    return {"format": OPTIM_FORMAT, "state": state, "param_groups": groups}
+
+
+def load_named_optim_state(optimizer, named_params, state: dict, device) -> None:
+    """Give each of ``optimizer``'s parameters its state from ``state`` (name -> AdamW state);
+    the hyperparameters stay this run's (the LR schedule sets ``lr`` every step)."""
+    names = {id(p): n for n, p in named_params}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    sd = optimizer.state_dict()
+    sd["state"] = {i: state[n] for i, n in enumerate(order) if n in state}
+    optimizer.load_state_dict(sd)
+    for s in optimizer.state.values():
+        for k, v in s.items():
+            if torch.is_tensor(v) and k != "step":
+                s[k] = v.to(device)
+
+
+def _v1_optimizer_order(config: dict) -> list[str]:
+    """Parameter names in the order a version-1 data-parallel ``optim.pt`` indexed them: the
+    whole model's matrices (weight decay group), then the rest, as build_optimizer grouped them."""
+    from hpcllm.model.gpt import GPT, GPTConfig
+
+    with torch.device("meta"):
+        whole = GPT(GPTConfig(**(config.get("model") or {})), init_seed=None)
+    named = list(whole.named_parameters())
+    return [n for n, p in named if p.dim() >= 2] + [n for n, p in named if p.dim() < 2]
+
+
+class CheckpointReader:
+    """Tensors of one checkpoint by full parameter name, whatever layout wrote it.
+
+    ``model_state(names)`` and ``optim_state(names)`` read only the files that hold the
+    names asked for (model files are opened memory-mapped, so looking at which names a file
+    holds costs no tensor reads)."""
+
+    def __init__(self, d):
+        self.dir = Path(d)
+        self.trainer = load_json(self.dir / "trainer.json") if (self.dir / "trainer.json").is_file() else {}
+        self.version = int(self.trainer.get("version", 1)) if self.trainer.get("format") == FORMAT else 1
+        self._keys: dict[str, set] | None = None
+
+    # ---- which files
+    def _model_files(self) -> list[tuple[Path, Path]]:
+        """(model file, optimizer file) pairs, owner order."""
+        d = self.dir
+        if self.version >= 2:
+            found = sorted(f for f in d.glob("model-*.pt") if _MODEL_FILE_RE.match(f.name))
+            return [(f, d / f.name.replace("model-", "optim-", 1)) for f in found]
+        if (d / "model.pt").is_file():
+            return [(d / "model.pt", d / "optim.pt")]
+        stages = sorted(d.glob("model-stage*.pt"), key=lambda f: int(f.stem.removeprefix("model-stage") or 0))
+        return [(f, d / f.name.replace("model-", "optim-", 1)) for f in stages]
+
+    def describe(self) -> str:
+        """What wrote this checkpoint, in words (for messages)."""
+        lay = self.layout()
+        if lay.get("pp", 1) > 1:
+            return f"a {lay['pp']}-stage pipeline checkpoint"
+        return "a data-parallel checkpoint"
+
+    def layout(self) -> dict:
+        """The layout the checkpoint was written under: ``pp``, ``dp`` and, for a pipeline,
+        ``bounds``, ``schedule``, ``microbatches`` (version 1: from its ``pipeline`` record)."""
+        if "layout" in self.trainer:
+            return dict(self.trainer["layout"])
+        pipe = self.trainer.get("pipeline")
+        if pipe:
+            return {"pp": int(pipe["stages"]), "dp": int(pipe.get("dp_size", 1)), "bounds": pipe.get("bounds"),
+                    "schedule": pipe.get("schedule"), "microbatches": pipe.get("microbatches")}
+        return {"pp": 1, "dp": int(self.trainer.get("world_size", 1))}
+
+    def _file_keys(self) -> dict[str, set]:
+        if self._keys is None:
+            self._keys = {}
+            pairs = self._model_files()
+            if not pairs:
+                raise HpcllmError(f"{self.dir}: no model files (model-*.pt) in the checkpoint")
+            for f, _ in pairs:
+                self._keys[str(f)] = set(load_torch(f, mmap=True))
+        return self._keys
+
+    def names(self) -> set[str]:
+        """Every tensor name the checkpoint holds."""
+        return set().union(*self._file_keys().values())
+
+    # ---- reading
+    def model_state(self, names=None, map_location="cpu") -> dict:
+        """``{name: tensor}`` for ``names`` (None: every tensor); a missing name is an error."""
+        keys = self._file_keys()
+        want = self.names() if names is None else set(names)
+        out = {}
+        for f, _ in self._model_files():
+            take = (keys[str(f)] & want) - set(out)
+            if not take:
+                continue
+            part = load_torch(f, map_location=map_location, mmap=True)
+            out.update({k: part[k].clone() if map_location == "cpu" else part[k] for k in take})
+            del part
+        missing = want - set(out)
+        if missing:
+            raise HpcllmError(f"{self.dir}: {self.describe()} lacks {', '.join(sorted(missing)[:3])}"
+                              f"{' …' if len(missing) > 3 else ''}")
+        return out
+
+    def optim_state(self, names) -> dict:
+        """``{name: AdamW state}`` for ``names`` (names without state are left out: a
+        checkpoint written before the first optimizer step)."""
+        want, out = set(names), {}
+        keys = self._file_keys()
+        if self.version == 1 and (self.dir / "model.pt").is_file():
+            sd = load_torch(self.dir / "optim.pt")
+            order = _v1_optimizer_order(load_json(self.dir / "config.json"))
+            return {order[int(i)]: s for i, s in sd.get("state", {}).items() if order[int(i)] in want}
+        for f, of in self._model_files():
+            if not (keys[str(f)] & want) - set(out):
+                continue
+            named = load_torch(of)
+            if not isinstance(named, dict) or named.get("format") != OPTIM_FORMAT:
+                raise HpcllmError(f"{of}: not an hpcllm optimizer state file (format {OPTIM_FORMAT})")
+            out.update({k: v for k, v in named["state"].items() if k in want and k not in out})
+        return out

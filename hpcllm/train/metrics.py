@@ -69,10 +69,13 @@ def _double_pumped_avx512(cpuinfo: str) -> bool:
     return vendor == "AuthenticAMD" and family == "25"
 
 
-def device_peak_tflops(device: torch.device, precision: str, threads: int, override: float | None = None) -> float:
+def device_peak_tflops(device: torch.device, precision: str, threads: int, override: float | None = None,
+                       bf16_speedup: float | None = None) -> float:
     """Peak TFLOP/s of one device (one rank): ``override`` (--peak-tflops) when given; a GPU
-    from the table (bf16/fp16 vs fp32 column); a CPU estimated as threads x clock x
-    FLOPs/cycle (rough: set --peak-tflops for a number you trust)."""
+    from the table (bf16/fp16 vs fp32 column); a CPU estimated as threads x clock x fp32
+    FLOPs/cycle, times the bf16/fp32 matmul speed ratio measured on this machine in 16-bit
+    precision (:func:`hpcllm.train.precision.cpu_matmul_probe`, ``bf16_speedup`` when the
+    caller has it): a flag is not a speed (rough: set --peak-tflops for a number you trust)."""
     if override:
         return float(override)
     low = precision in ("bf16", "fp16")
@@ -93,7 +96,14 @@ def device_peak_tflops(device: torch.device, precision: str, threads: int, overr
             ghz = f.current / 1000.0
     except Exception:
         pass
-    return threads * ghz * 1e9 * cpu_flops_per_cycle(low) / 1e12
+    fp32 = threads * ghz * 1e9 * cpu_flops_per_cycle(False) / 1e12
+    if not low:
+        return fp32
+    if bf16_speedup is None:
+        from hpcllm.train.precision import cpu_matmul_probe
+
+        bf16_speedup = cpu_matmul_probe(1024, 1024, 1024).bf16_speedup
+    return fp32 * bf16_speedup
 
 
 def truncate_metrics(run_dir, after_step: int) -> None:

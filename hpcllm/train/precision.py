@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,7 +17,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls much faster than fp32 (elsewhere bf16 is emulated)."""
+    """AMX or AVX512-BF16 in /proc/cpuinfo. A flag, not a speed: on one Intel Xeon that
+    reports AVX512-BF16 without AMX, bf16 matmuls ran at half the fp32 rate. Decisions use
+    :func:`cpu_matmul_probe`; this only says which instructions exist (``doctor``)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -21,17 +28,134 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' becomes bf16 where the hardware runs it fast, else fp32; others are checked."""
+#: bf16 is chosen on a CPU only where its matmuls measured at least this much faster than fp32
+#: (the rest of a step, casts and elementwise work, gains less than the matmuls do)
+BF16_MIN_SPEEDUP = 1.1
+#: seconds each dtype's matmul is timed for (after one warm-up), at least 3 runs
+PROBE_SECONDS = 0.15
+
+
+@dataclass(frozen=True)
+class MatmulProbe:
+    """Measured matmul rates (FLOP/s) of one shape on this CPU."""
+
+    shape: tuple
+    fp32: float
+    bf16: float
+    threads: int
+    cached: bool = False
+
+    @property
+    def bf16_speedup(self) -> float:
+        return self.bf16 / self.fp32 if self.fp32 else 0.0
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _probe_cache_path() -> Path:
+    base = os.environ.get("HPCLLM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME")
+                                                          or os.path.expanduser("~/.cache"), "hpcllm")
+    return Path(base) / "matmul-probe.json"
+
+
+def _time_matmul(m: int, k: int, n: int, dtype, seconds: float) -> float:
+    a = torch.randn(m, k).to(dtype)
+    b = torch.randn(k, n).to(dtype)
+    t0 = time.perf_counter()
+    a @ b  # warm-up: thread pool, kernel selection, packing buffers
+    first = time.perf_counter() - t0
+    if first > seconds:  # one product (emulated bf16 on a large shape) already took the budget
+        return 2.0 * m * k * n / first
+    best, runs = float("inf"), 0
+    end = time.perf_counter() + seconds
+    while runs < 3 or time.perf_counter() < end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        runs += 1
+        if runs >= 3 and best * 3 > seconds:  # one slow (emulated) product: enough seen
+            break
+    return 2.0 * m * k * n / best
+
+
+def cpu_matmul_probe(m: int, k: int, n: int, use_cache: bool = True) -> MatmulProbe:
+    """fp32 and bf16 rates of an (m x k) @ (k x n) matmul on this CPU with this process's
+    threads: measured once per (CPU model, torch version, threads, shape) and cached in
+    ``~/.cache/hpcllm/matmul-probe.json`` (``$HPCLLM_CACHE``); well under a second."""
+    threads = torch.get_num_threads()
+    key = f"{_cpu_model()}|torch {torch.__version__}|{threads} threads|{m}x{k}x{n}"
+    path = _probe_cache_path()
+    cache = {}
+    if use_cache:
+        try:
+            cache = json.loads(path.read_text())
+            hit = cache.get(key)
+            if isinstance(hit, dict) and hit.get("fp32", 0) > 0 and hit.get("bf16", 0) > 0:
+                return MatmulProbe((m, k, n), float(hit["fp32"]), float(hit["bf16"]), threads, cached=True)
+        except (OSError, ValueError, AttributeError):
+            cache = {}
+    fp32 = _time_matmul(m, k, n, torch.float32, PROBE_SECONDS)
+    bf16 = _time_matmul(m, k, n, torch.bfloat16, PROBE_SECONDS)
+    if use_cache:
+        try:
+            from hpcllm.fileio import write_json_atomic
+
+            cache = cache if isinstance(cache, dict) else {}
+            cache[key] = {"fp32": fp32, "bf16": bf16, "measured": time.time()}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, cache)
+        except OSError:
+            pass  # a read-only home: measure again next time
+    return MatmulProbe((m, k, n), fp32, bf16, threads)
+
+
+def choose_cpu_precision(probe: MatmulProbe) -> tuple[str, str]:
+    """The decision rule of ``--precision auto`` on a CPU: (precision, why)."""
+    m, k, n = probe.shape
+    r = probe.bf16_speedup
+    what = (f"bf16 matmuls ran at {r:.2f}x the fp32 rate ({probe.bf16 / 1e9:.0f} vs {probe.fp32 / 1e9:.0f} "
+            f"GFLOP/s, {m}x{k}x{n}, {probe.threads} thread{'s' if probe.threads != 1 else ''}"
+            f"{', cached measurement' if probe.cached else ''})")
+    if r >= BF16_MIN_SPEEDUP:
+        return "bf16", what
+    return "fp32", what + f"; bf16 needs >= {BF16_MIN_SPEEDUP}x"
+
+
+def probe_shape(micro_batch: int, seq_len: int, d_model: int, mlp_ratio: int = 4) -> tuple[int, int, int]:
+    """The model's MLP input projection for one micro-batch (rows capped at 4096)."""
+    return min(micro_batch * seq_len, 4096), d_model, mlp_ratio * d_model
+
+
+def resolve_precision(name: str, device: torch.device, shape: tuple | None = None, measure: bool = True,
+                      bcast=None) -> tuple[str, str]:
+    """(precision, why). 'auto' becomes bf16 where it runs faster: on a GPU with bf16 support;
+    on a CPU where a bf16 matmul of ``shape`` measured faster than fp32 (see
+    :func:`choose_cpu_precision`). In a job, one rank measures (``measure``) and ``bcast``
+    gives every rank its decision, so ranks never train in different precisions."""
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+            ok = torch.cuda.is_bf16_supported()
+            return ("bf16", "the GPU supports bf16") if ok else ("fp32", "the GPU has no bf16")
+        decision = None
+        if measure:
+            decision = choose_cpu_precision(cpu_matmul_probe(*(shape or (1024, 1024, 1024))))
+        return bcast(decision) if bcast is not None else decision
     if name not in DTYPES:
         raise HpcllmError(f"--precision {name}: expected auto, fp32, bf16 or fp16")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise HpcllmError("--precision bf16: this GPU has no bf16 support (use fp16)")
-    return name
+    return name, "as asked"
 
 
 def autocast(precision: str, device: torch.device):

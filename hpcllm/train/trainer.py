@@ -1,21 +1,23 @@
-"""The training loop: data parallelism over Horovod, precision, accumulation, clipping,
-evaluation, checkpoints, stop requests.
+"""The training loop: one loop for every parallel layout.
 
-One optimizer step, on every rank::
+    mpirun -np 4 hpcllm train --data data/stdlib --out runs/pp --pipeline-stages 2 --microbatches 8
 
-    for each of `accum` micro-batches: forward under autocast, (scaled) loss / accum, backward
-        (Horovod allreduces the gradients after the last backward, overlapped with it)
-    optimizer.synchronize()            wait for the averaged gradients
-    unscale (fp16), global grad norm   identical on every rank: the gradients are
-    agree(...)                         one small allreduce: loss sum, non-finite loss,
-                                       non-finite gradients, stop requested
+One optimizer step, on every rank (layout: ``ParallelDims``; what differs per layout is only
+the runner's forward/backward and the gradient synchroniser's reductions)::
+
+    batches = loader.next_batch()                  ranks that read data (all; with stages the
+                                                   first and last)
+    loss = runner.forward_backward(batches, scale, grad_sync.overlap)
+                                                   accumulation loop, or the pipeline engine;
+                                                   gradient allreduces start inside the last backward
+    grad_sync.finish()                             wait for them; tied copies summed
+    unscale (fp16); agree(...)                     one small world allreduce: loss, non-finite
+                                                   losses, squared grad norm (each parameter once),
+                                                   stop requested
     non-finite loss  -> stop, exit FAILURE, no checkpoint (the last good one stays)
     overflow (fp16)  -> skip the update on every rank, halve the loss scale
-    else             -> clip, `with optimizer.skip_synchronize(): optimizer.step()`
+    else             -> clip with the global norm, optimizer.step()
     log / eval / checkpoint at their intervals; stop requested -> checkpoint, exit REQUEUE
-
-The pieces (device and precision setup, optimizer, LR schedule, loss scaler, agreement,
-evaluation, checkpoint save/restore) are functions a pipeline-parallel loop reuses.
 """
 from __future__ import annotations
 
@@ -29,66 +31,20 @@ from pathlib import Path
 import torch
 
 from hpcllm import exitcodes
-from hpcllm.config import TrainConfig, effective_config, resolve_model
-from hpcllm.fileio import write_json_atomic
-from hpcllm.errors import HpcllmError
+from hpcllm.config import TrainConfig, effective_config
 from hpcllm.train import checkpoint as ckpt
-from hpcllm.train.metrics import MetricsLogger, device_peak_tflops, truncate_metrics
-from hpcllm.train.precision import LossScaler, autocast, clip_, cpu_has_fast_bf16, grad_norm, resolve_precision
+from hpcllm.train.metrics import MetricsLogger, device_peak_tflops
+from hpcllm.train.precision import (LossScaler, autocast, clip_, cpu_matmul_probe, probe_shape,
+                                    resolve_precision)
 from hpcllm.train.schedule import LRSchedule
+from hpcllm.train.setup import (Plan, build_optimizer, choose_partition, log, microbatches, prepare,
+                                prepare_run_dir, setup_device, tokenizer_file, trainer_state)
+
+__all__ = ["Agreed", "agree", "build_optimizer", "train"]
 from hpcllm.train.stop import StopRequest
 
 #: test hook "STEP,RANK": make the loss NaN at 1-based step STEP on RANK (NaN-stop test)
 NAN_ENV = "HPCLLM_TEST_NAN_AT"
-
-
-def log(dp, msg: str) -> None:
-    """A console line from rank 0 only."""
-    if dp.is_root:
-        print(f"[hpcllm] {msg}", flush=True)
-
-
-# --------------------------------------------------------------------------- setup pieces
-
-
-def setup_device(pcfg, dp) -> torch.device:
-    """cuda:local_rank or cpu, from --device."""
-    from hpcllm.parallel.data_parallel import compute_device_type
-
-    if compute_device_type(pcfg) == "cuda":
-        if not torch.cuda.is_available():
-            raise HpcllmError("--device cuda: CUDA is not available on this machine")
-        idx = dp.local_rank % torch.cuda.device_count()
-        torch.cuda.set_device(idx)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
-
-
-def build_optimizer(named_params, ocfg, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm).
-
-    ``fused`` None: PyTorch's fused AdamW kernel wherever it has one for the parameters'
-    device (CUDA; CPUs since PyTorch 2.4), else the multi-tensor one. On a CPU the fused step
-    of the 3.3M-parameter benchmark model took 2.1-2.5 ms against 6.3-7.0 ms
-    (``benchmarks/train.py --parts kernels``).
-    """
-    decay, no_decay = [], []
-    for _, p in named_params:
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-
-    def make(fused_: bool | None) -> torch.optim.AdamW:
-        # fresh group dicts each time: the constructor fills them in place
-        groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused_)
-
-    if fused is None:
-        try:
-            return make(True)
-        except RuntimeError:  # no fused kernel for this device or dtype
-            return make(None)
-    return make(fused or None)
 
 
 @dataclass
@@ -97,101 +53,31 @@ class Agreed:
 
     loss: float              # mean loss over the global batch
     bad_loss_ranks: int      # ranks whose loss was inf/NaN
-    overflow: bool           # some synchronized gradient is inf/NaN
+    grad_norm: float         # global gradient norm (inf/NaN: overflow)
     stop: bool               # some rank received a stop signal
+    extra: list              # the layout's own sums (pipeline: dp overlap per stage)
+
+    @property
+    def overflow(self) -> bool:
+        return not math.isfinite(self.grad_norm)
 
 
-def agree(dp, loss_sum: torch.Tensor, grads_finite: bool, stop_requested: bool) -> Agreed:
-    """One small allreduce at the step boundary; every rank takes the same decisions from it."""
-    loss_sum = loss_sum.detach().double().cpu()
-    bad = not bool(torch.isfinite(loss_sum))
-    t = torch.tensor([0.0 if bad else float(loss_sum), float(bad), 0.0 if grads_finite else 1.0,
-                      1.0 if stop_requested else 0.0], dtype=torch.float64)
-    s = dp.allreduce_sum(t, name="hpcllm.agree")
-    n_bad = int(s[1])
-    ok = dp.size - n_bad
-    return Agreed(loss=float(s[0]) / ok if ok else float("nan"), bad_loss_ranks=n_bad,
-                  overflow=bool(s[2] > 0), stop=bool(s[3] > 0))
-
-
-def ranks_with(dp, flag: bool) -> list[int]:
-    """Ranks where ``flag`` is true (an allgather; only on the rare failure path)."""
-    got = dp.allgather(torch.tensor([1 if flag else 0], dtype=torch.int32), name="hpcllm.ranks_with")
-    return [r for r, v in enumerate(got.tolist()) if v]
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, precision, dp) -> float:
-    """Mean loss over fixed validation batches, averaged over ranks."""
-    was = model.training
-    model.eval()
-    total, n = 0.0, 0
-    try:
-        for x, y in batches:
-            with autocast(precision, device):
-                loss = model(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            total += float(loss)
-            n += 1
-    finally:
-        model.train(was)
-    s = dp.allreduce_sum(torch.tensor([total, float(n)], dtype=torch.float64), name="hpcllm.eval")
-    return float(s[0] / s[1])
-
-
-def check_resume_compat(resume_dir: Path, trainer_state: dict, config: dict, gpt_cfg, info) -> None:
-    """The checkpoint must fit this dataset (same tokenizer) and this model shape."""
-    want = trainer_state.get("tokenizer_sha256")
-    if want and want != info.tokenizer_sha256:
-        raise HpcllmError(f"{resume_dir}: trained with tokenizer sha256 {want[:12]}…, but the dataset "
-                          f"{info.data_dir} has {info.tokenizer_sha256[:12]}… (a different tokenizer)")
-    saved = dict(config.get("model") or {})
-    now = gpt_cfg.to_dict()
-    diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k != "name" and k in saved and saved[k] != now[k]]
-    if diff:
-        raise HpcllmError(f"{resume_dir}: checkpoint model shape differs from this run's ({'; '.join(diff)})")
-
-
-def trainer_state(step: int, loader, schedule, scaler, info, dp, global_batch: int, **extra) -> dict:
-    """trainer.json: everything besides tensors needed to continue exactly."""
-    return {"step": step, "loader": loader.state_dict(), "lr_schedule": schedule.state_dict(),
-            "loss_scaler": scaler.state_dict(), "tokenizer_sha256": info.tokenizer_sha256,
-            "data_dir": os.path.abspath(info.data_dir), "world_size": dp.size, "global_batch": global_batch,
-            "saved_at": time.time(), **extra}
-
-
-def tokenizer_file(info) -> Path | None:
-    """The dataset's tokenizer file (copied into checkpoints so generate finds it), if any."""
-    name = (info.manifest.get("tokenizer") or {}).get("file")
-    if name:
-        p = Path(info.data_dir) / name
-        if p.is_file():
-            return p
-    return None
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
-    """Rank 0 only: create RUN_DIR, drop stale checkpoint temp dirs, write the effective
-    config, and cut metrics.jsonl back to ``start_step`` (a resumed run reads as one run)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale(run_dir)
-    write_json_atomic(run_dir / "config.json", config_json)
-    truncate_metrics(run_dir, start_step)
+def agree(groups, loss: float | None, norm_sq: float, stop_requested: bool, extra=()) -> Agreed:
+    """One small allreduce at the step boundary; every rank takes the same decisions from it.
+    ``loss`` is None on ranks that compute none (pipeline stages before the last)."""
+    bad = loss is not None and not math.isfinite(loss)
+    good = loss is not None and not bad
+    s = groups.allreduce_sum([loss if good else 0.0, 1.0 if good else 0.0, float(bad), norm_sq,
+                              1.0 if stop_requested else 0.0, *extra], what="the step agreement allreduce")
+    n_bad = int(s[2])
+    sq = float(s[3])
+    return Agreed(loss=float(s[0]) / s[1] if s[1] else float("nan"), bad_loss_ranks=n_bad,
+                  grad_norm=math.sqrt(sq) if math.isfinite(sq) else float("inf"), stop=bool(s[4] > 0),
+                  extra=[float(x) for x in s[5:]])
 
 
 def train(cfg: TrainConfig) -> int:
     """Train as configured; returns the process exit status (exitcodes.OK/REQUEUE/FAILURE)."""
-    if cfg.parallel.pipeline_stages > 1:
-        # the pipeline loop (issue 6) reuses the pieces above
-        try:
-            from hpcllm.parallel.pipeline.trainer import train_pipeline
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("hpcllm.parallel.pipeline"):
-                raise HpcllmError("--pipeline-stages > 1: pipeline parallelism is not available in this build") from None
-            raise
-        return train_pipeline(cfg)
     # handlers first: a SIGTERM/SIGUSR1 during startup (loading, MPI init) becomes a stop at
     # the first step boundary instead of killing the rank
     stop = StopRequest().install()
@@ -202,237 +88,224 @@ def train(cfg: TrainConfig) -> int:
                 print(f"[hpcllm] checkpoint {plan.resume_dir} is at step {plan.start_step} >= --steps {cfg.steps}: "
                       "nothing to do", flush=True)
             return exitcodes.OK
+        from hpcllm.parallel.groups import abort_on_exception, init_groups
 
-        from hpcllm.parallel.data_parallel import abort_on_exception, init_data_parallel
-
-        dp = init_data_parallel(cfg.parallel)
+        groups = init_groups(cfg.parallel)
         try:
-            with abort_on_exception(dp):
-                return _train(cfg, dp, plan, stop)
+            with abort_on_exception(groups):
+                return _train(cfg, groups, plan, stop)
         finally:
-            if dp.watchdog is not None:
-                dp.watchdog.close()
+            groups.close()
     finally:
         stop.restore()
 
 
-@dataclass
-class Plan:
-    """What a run is, decided from files alone before MPI/Horovod start (so bad input fails
-    fast, on every rank alike, with one line)."""
-
-    info: object               # DatasetInfo
-    gpt_cfg: object            # GPTConfig
-    resume_dir: Path | None
-    trainer_state: dict | None
-    start_step: int
-
-
-def prepare(cfg: TrainConfig) -> Plan:
-    """Check the dataset, the model and the checkpoint to resume against each other."""
-    from hpcllm.data.loader import DatasetInfo
-
-    if not cfg.data.path:
-        raise HpcllmError("--data is required (a dataset directory from `hpcllm preprocess`)")
-    if not cfg.out:
-        raise HpcllmError("--out is required (the run directory)")
-    if not Path(cfg.data.path).is_dir():
-        raise HpcllmError(f"--data {cfg.data.path}: no such dataset directory")
-    info = DatasetInfo(cfg.data.path)
-    gpt_cfg = resolve_model(cfg.model, info.vocab_size)
-    info.check_vocab(gpt_cfg.vocab_size)
-    windows = info.windows("train", gpt_cfg.seq_len)
-    if windows == 0:
-        raise HpcllmError(f"{cfg.data.path}: the train split has {info.train_tokens} tokens, fewer than one window "
-                          f"of seq_len+1 = {gpt_cfg.seq_len + 1} (lower --seq-len)")
-    if cfg.logging.eval_every > 0 and info.windows("val", gpt_cfg.seq_len) == 0:
-        raise HpcllmError(f"{cfg.data.path}: the val split has {info.val_tokens} tokens, fewer than one window of "
-                          f"seq_len+1 = {gpt_cfg.seq_len + 1}; use --eval-every 0 or more validation data")
-    resume_dir = ckpt.resolve_resume(Path(cfg.out), cfg.checkpoint.resume)
-    existing = ckpt.list_checkpoints(cfg.out)
-    if resume_dir is None and existing:
-        # a fresh run here would interleave its checkpoints with the old run's (and retention
-        # could delete the new ones): continuing or starting elsewhere must be explicit
-        raise HpcllmError(f"--out {cfg.out}: already holds checkpoints (newest {existing[-1].name}); "
-                          "add --resume auto to continue that run, or choose another --out")
-    tstate = None
-    if resume_dir is not None:
-        tstate = ckpt.load_json(resume_dir / "trainer.json")
-        check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
-    return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0)
-
-
-def _train(cfg: TrainConfig, dp, plan: Plan, stop: StopRequest) -> int:
+def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     from hpcllm.data.loader import BatchLoader, EvalBatches
-    from hpcllm.model.gpt import GPT, flops_per_token, param_count
+    from hpcllm.model.gpt import flops_per_token, param_count
+    from hpcllm.parallel.parallelize import parallelize
 
     run_dir = Path(cfg.out)
-    d, o, c, lg = cfg.data, cfg.optimizer, cfg.checkpoint, cfg.logging
+    d, o, c, lg, pc = cfg.data, cfg.optimizer, cfg.checkpoint, cfg.logging, cfg.parallel
+    dims = groups.dims
+    info, gpt_cfg, reader, start_step = plan.info, plan.gpt_cfg, plan.reader, plan.start_step
+    M = microbatches(cfg)
     restarts = os.environ.get("SLURM_RESTART_COUNT")
-    log(dp, f"{dp.describe()}; {torch.get_num_threads()} threads per rank"
+    log(groups, f"{groups.describe()}; {torch.get_num_threads()} threads per rank"
         + (f"; SLURM_RESTART_COUNT={restarts}" if restarts else ""))
-    info, gpt_cfg, resume_dir, tstate, start_step = (plan.info, plan.gpt_cfg, plan.resume_dir,
-                                                     plan.trainer_state, plan.start_step)
-    device = setup_device(cfg.parallel, dp)
-    precision = resolve_precision(cfg.precision.precision, device)
-    if precision in ("bf16", "fp16") and device.type == "cpu" and not cpu_has_fast_bf16():
-        log(dp, f"note: --precision {precision} on a CPU without AMX/AVX512-BF16 is emulated and usually "
-                "much slower than fp32 (--precision auto picks fp32 here)")
 
-    loader = BatchLoader(d.path, split="train", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
-                         accum=d.accum, dp_rank=dp.rank, dp_size=dp.size, seed=cfg.seed,
-                         model_vocab_size=gpt_cfg.vocab_size)
-    eval_batches = None
-    if lg.eval_every > 0:
-        eval_batches = EvalBatches(d.path, split="val", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
-                                   num_batches=lg.eval_batches, dp_rank=dp.rank, dp_size=dp.size)
+    device = setup_device(pc, groups.local_rank)
+    precision, why = resolve_precision(cfg.precision.precision, device,
+                                       shape=probe_shape(d.micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model,
+                                                         gpt_cfg.mlp_ratio),
+                                       measure=groups.is_root, bcast=groups.bcast)
+    if cfg.precision.precision == "auto":
+        log(groups, f"precision auto -> {precision}: {why}")
+    amp = lambda: autocast(precision, device)  # noqa: E731
 
-    model = GPT(gpt_cfg, init_seed=cfg.seed).to(device)
-    optimizer = build_optimizer(model.named_parameters(), o)
-    optimizer = dp.wrap_optimizer(optimizer, model, d.accum, cfg.parallel.grad_compression)
+    partition = choose_partition(cfg, gpt_cfg, plan, groups, device, amp) if dims.pp > 1 else None
+    par = parallelize(gpt_cfg, groups, pc, seed=cfg.seed, device=device, autocast=amp,
+                      micro_batch=d.micro_batch, microbatches=M, partition=partition)
+    module, runner, grad_sync = par.module, par.runner, par.grad_sync
+    optimizer = build_optimizer(module.named_parameters(), o)
     schedule = LRSchedule(o, cfg.steps)
     scaler = LossScaler(precision == "fp16", cfg.precision.loss_scale, cfg.precision.loss_scale_window)
 
-    if resume_dir is not None:
-        model.load_state_dict(ckpt.load_torch(resume_dir / "model.pt", map_location=device))
-        optimizer.load_state_dict(ckpt.load_torch(resume_dir / "optim.pt", map_location=device))
-        loader.load_state_dict(tstate["loader"])
+    loader = eval_batches = None
+    if runner.reads_data:
+        loader = BatchLoader(d.path, split="train", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
+                             accum=M, dp_rank=groups.dp_rank, dp_size=dims.dp, seed=cfg.seed,
+                             model_vocab_size=gpt_cfg.vocab_size)
+        if lg.eval_every > 0:
+            eval_batches = EvalBatches(d.path, split="val", seq_len=gpt_cfg.seq_len, micro_batch=d.micro_batch,
+                                       num_batches=lg.eval_batches, dp_rank=groups.dp_rank, dp_size=dims.dp)
+    global_batch = d.micro_batch * M * dims.dp
+
+    if reader is not None:
+        names = [n for n, _ in module.named_parameters()]
+        module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
+        ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
+        tstate = plan.trainer_state
+        if loader is not None:
+            loader.load_state_dict(tstate["loader"])
         scaler.load_state_dict(tstate.get("loss_scaler") or {})
-        rng = resume_dir / f"rng-rank{dp.rank}.pt"
+        rng = plan.resume_dir / f"rng-rank{groups.rank}.pt"
         if rng.is_file():
             ckpt.set_rng_state(ckpt.load_torch(rng))
-        if tstate.get("global_batch") not in (None, loader.global_batch):
-            log(dp, f"note: global batch changed from {tstate['global_batch']} to {loader.global_batch} sequences")
-    # rank 0's values everywhere: initial weights (identical anyway, by the seed) or the
-    # checkpoint, so ranks can never start from different points
-    dp.broadcast_model(model)
-    dp.broadcast_optimizer_state(optimizer)
-    if cfg.parallel.compile:
-        from hpcllm.train.compile import compile_blocks
+        if tstate.get("global_batch") not in (None, global_batch):
+            log(groups, f"note: global batch changed from {tstate['global_batch']} to {global_batch} sequences")
+    # the replicas of each part start from the first replica's values (identical anyway, by
+    # the seed or the checkpoint: a safety net against ranks that start from different points)
+    groups.broadcast_tensors(dict(module.state_dict()))
+    groups.broadcast_tensors({f"{i}.{k}": v for i, s in enumerate(optimizer.state.values())
+                              for k, v in s.items() if torch.is_tensor(v)})
 
-        log(dp, f"compiling {compile_blocks(model.block_list())} blocks with torch.compile (at the first step)")
-
-    global_batch = loader.global_batch
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
-    peak = device_peak_tflops(device, precision, torch.get_num_threads(), lg.peak_tflops) * 1e12
+    peak = 1.0  # other ranks log nothing
+    if groups.is_root:  # MFU is rank 0's to log; in 16-bit on a CPU the peak scales by the measured ratio
+        speedup = None
+        if device.type == "cpu" and precision != "fp32" and not lg.peak_tflops:
+            speedup = cpu_matmul_probe(*probe_shape(d.micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model,
+                                                    gpt_cfg.mlp_ratio)).bf16_speedup
+        peak = device_peak_tflops(device, precision, torch.get_num_threads(), lg.peak_tflops, speedup) * 1e12
+    layout = {**dims.to_dict(), "world": groups.size}
+    if dims.pp > 1:
+        layout.update(bounds=[list(b) for b in partition.bounds], schedule=pc.schedule, microbatches=M)
+    extra = {"pipeline": {"stages": dims.pp, "bounds": layout["bounds"], "schedule": pc.schedule,
+                          "microbatches": M, "dp_size": dims.dp}} if dims.pp > 1 else {}
     config_json = effective_config(
-        cfg, gpt_cfg, precision_resolved=precision, global_batch=global_batch,
-        tokenizer_sha256=info.tokenizer_sha256, data_dir=os.path.abspath(d.path),
-        world={"size": dp.size, "local_size": dp.local_size, "cross_size": dp.cross_size,
-               "threads_per_rank": torch.get_num_threads(), "horovod": dp.hvd is not None},
+        cfg, gpt_cfg, precision_resolved=precision, precision_reason=why, global_batch=global_batch,
+        tokenizer_sha256=info.tokenizer_sha256, data_dir=os.path.abspath(d.path), layout=layout,
+        world={"size": groups.size, "local_size": groups.local_size, "cross_size": groups.cross_size,
+               "threads_per_rank": torch.get_num_threads(),
+               "horovod": groups.hvd is not None},
         horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
-        mpi_env={k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")})
-    if dp.is_root:  # rank 0 alone writes the run directory's shared files
+        mpi_env={k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")}, **extra)
+    if groups.is_root:  # rank 0 alone writes the run directory's shared files
         prepare_run_dir(run_dir, config_json, start_step)
-    log(dp, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
+    log(groups, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
-    log(dp, f"global batch {global_batch} sequences = {tokens_per_step} tokens "
-        f"(micro-batch {d.micro_batch} x accum {d.accum} x {dp.size} ranks x seq_len {gpt_cfg.seq_len})")
-    if resume_dir is not None:
-        log(dp, f"resumed from {resume_dir} at step {start_step}")
+    if dims.pp > 1:
+        log(groups, f"pipeline: {dims.pp} stages x {dims.dp} replicas, schedule {pc.schedule}, {M} micro-batches, "
+            f"blocks per stage {partition.counts()}")
+    log(groups, f"global batch {global_batch} sequences = {tokens_per_step} tokens "
+        f"(micro-batch {d.micro_batch} x {M} micro-batches x {dims.dp} replicas x seq_len {gpt_cfg.seq_len})"
+        + ("; activation recomputation per block" if pc.recompute else ""))
+    if pc.grad_compression != "none" and dims.dp == 1:
+        log(groups, f"--grad-compression {pc.grad_compression}: no effect with 1 "
+            f"{'pipeline replica' if dims.pp > 1 else 'rank'} (no data-parallel allreduce)")
+    if par.compiled_blocks:
+        log(groups, f"compiling {par.compiled_blocks} blocks with torch.compile (at the first step)")
+    if reader is not None:
+        log(groups, f"resumed from {plan.resume_dir} at step {start_step} ({reader.describe()})")
 
-    metrics = MetricsLogger(run_dir, enabled=dp.is_root, flops_per_token=fpt, peak_flops_total=peak * dp.size,
+    metrics = MetricsLogger(run_dir, enabled=groups.is_root, flops_per_token=fpt, peak_flops_total=peak * groups.size,
                             tokens_per_step=tokens_per_step, total_steps=cfg.steps,
                             echo=lambda s: print(s, flush=True))
     tok_file = tokenizer_file(info)
-    nan_at = _nan_hook(dp.rank)
+    owner = groups.stage if groups.dp_rank == 0 else None  # one writer per distinct part
+    owned = par.owned_names()
 
     def save(step: int) -> Path:
-        files = {f"rng-rank{dp.rank}.pt": ckpt.rng_state()}
-        if dp.is_root:
-            files["model.pt"] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-            files["optim.pt"] = optimizer.state_dict()
+        files = {f"rng-rank{groups.rank}.pt": ckpt.rng_state()}
+        if owner is not None:
+            files[ckpt.model_file(owner)] = {k: v.detach().cpu() for k, v in module.state_dict().items()
+                                             if k in owned}
+            files[ckpt.optim_file(owner)] = ckpt.named_optim_state(optimizer, module.named_parameters(),
+                                                                   exclude=grad_sync.duplicate)
+        if groups.is_root:
             files["config.json"] = config_json
-            files["trainer.json"] = trainer_state(step, loader, schedule, scaler, info, dp, global_batch)
+            files["trainer.json"] = trainer_state(step, loader, schedule, scaler, info, groups, global_batch, layout)
             if tok_file is not None:
                 files["tokenizer.json"] = tok_file.read_bytes()
-        path = ckpt.save(run_dir, step, files, is_root=dp.is_root, barrier=dp.barrier, keep=c.keep)
-        log(dp, f"checkpoint {path}")
+        path = ckpt.save(run_dir, step, files, is_root=groups.is_root, barrier=groups.barrier, keep=c.keep)
+        log(groups, f"checkpoint {path}")
         return path
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    last_saved = start_step if resume_dir is not None else None
+    params = [p for p in module.parameters() if p.requires_grad]
+    nan_at = _nan_hook(groups.rank)
+    last_saved = start_step if reader is not None else None
     skipped_in_interval = 0
     grad_norm_value = 0.0
-    model.train()
+    module.train()
     for step in range(start_step, cfg.steps):
-        if dp.watchdog is not None:
-            dp.watchdog.step = step + 1
+        if groups.watchdog is not None:
+            groups.watchdog.step = step + 1
         t0 = time.perf_counter()
         lr = schedule.apply(optimizer, step)
-        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for x, y in loader.next_batch():
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(precision, device):
-                loss = model(x, y) / d.accum
-            if nan_at == step + 1:
-                loss = loss * float("nan")
-            scaler.scale_loss(loss).backward()
-            loss_sum += loss.detach().float()
-        ts = time.perf_counter()
-        dp.synchronize(optimizer)
-        sync_s = time.perf_counter() - ts
+        batches = loader.next_batch() if loader is not None else None
+        loss = runner.forward_backward(batches, scaler.scale, grad_sync.overlap)
+        if nan_at == step + 1:
+            loss = float("nan")
+        grad_sync.finish()
         scaler.unscale_(params)
-        norm = grad_norm(params)
-        agreed = agree(dp, loss_sum, math.isfinite(norm), stop.requested)
+        shares = grad_sync.overlap_shares()
+        per_stage = [0.0] * (2 * dims.pp)
+        if dims.dp > 1 and dims.pp > 1:  # per stage: shares of its allreduces started in / done by the last backward
+            per_stage[groups.stage], per_stage[dims.pp + groups.stage] = (x / dims.dp for x in shares)
+        agreed = agree(groups, loss, grad_sync.norm_sq(), stop.requested, per_stage if dims.pp > 1 else ())
 
         if agreed.bad_loss_ranks:
-            bad = ranks_with(dp, not bool(torch.isfinite(loss_sum)))
+            bad = [r for r, b in enumerate(groups.allgather(loss is not None and not math.isfinite(loss))) if b]
             good = ckpt.latest_checkpoint(run_dir)
             msg = (f"non-finite loss at step {step + 1} on rank{'s' if len(bad) > 1 else ''} "
                    f"{', '.join(map(str, bad))}; stopping without updating the weights. Last good "
                    f"checkpoint: {good if good is not None else 'none'}")
-            if dp.is_root:
+            if groups.is_root:
                 print(f"error: {msg}", file=sys.stderr, flush=True)
             return exitcodes.FAILURE
         if agreed.overflow:
             if not scaler.enabled:
-                if dp.is_root:
+                if groups.is_root:
                     print(f"error: non-finite gradient norm at step {step + 1} (loss {agreed.loss:.4f}); "
                           "stopping", file=sys.stderr, flush=True)
                 return exitcodes.FAILURE
-            dp.skip_step(optimizer)  # every rank skips alike: the flag was agreed
-            skipped_in_interval += 1
+            skipped_in_interval += 1  # every rank skips alike: the norm was agreed
         else:
-            clip_(params, norm, o.grad_clip)
-            dp.step(optimizer)
-            optimizer.zero_grad()
-            grad_norm_value = norm
+            clip_(params, agreed.grad_norm, o.grad_clip)
+            optimizer.step()
+            grad_norm_value = agreed.grad_norm
+        optimizer.zero_grad(set_to_none=True)
         scaler.update(agreed.overflow)
-        metrics.step(agreed.loss, time.perf_counter() - t0, sync_s)
+        metrics.step(agreed.loss, time.perf_counter() - t0, grad_sync.wait_s)
         done = step + 1
-        if cfg.parallel.compile and done == start_step + 1:
-            from hpcllm.train.compile import compile_report
+        if pc.compile and done == start_step + 1:
+            from hpcllm.parallel.compile import compile_report
 
-            log(dp, f"torch.compile: {compile_report()} (rank 0, first step)")
+            log(groups, f"torch.compile: {compile_report()} (rank 0, first step)")
 
         record = {}
         if done % lg.log_every == 0 or done == cfg.steps or agreed.stop:
-            record.update(lr=lr, grad_norm=grad_norm_value, skipped=skipped_in_interval)
+            record.update(lr=lr, grad_norm=grad_norm_value, skipped=skipped_in_interval, **runner.step_record())
+            if dims.dp > 1 and dims.pp > 1:
+                record["dp_overlap"] = [round(x, 4) for x in agreed.extra[:dims.pp]]
+                record["dp_done_in_bwd"] = [round(x, 4) for x in agreed.extra[dims.pp:]]
             if scaler.enabled:
                 record["loss_scale"] = scaler.scale
             skipped_in_interval = 0
-        if eval_batches is not None and (done % lg.eval_every == 0 or done == cfg.steps):
-            record["val_loss"] = evaluate(model, eval_batches, device, precision, dp)
+        if lg.eval_every > 0 and (done % lg.eval_every == 0 or done == cfg.steps):
+            total, n = runner.eval_sums(eval_batches)  # pipeline: every stage takes part
+            s = groups.allreduce_sum([total, float(n)], what="the validation pass")
+            record["val_loss"] = float(s[0] / s[1]) if s[1] else float("nan")
         if record:
             if "lr" in record:
                 metrics.flush(done, **record)
             else:  # an eval on a step that is not logged: its own line
                 metrics.write({"step": done, **record})
-                if dp.is_root:
+                if groups.is_root:
                     print(metrics.console_line({"step": done, **record}), flush=True)
 
         if agreed.stop:
-            log(dp, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
+            log(groups, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
             if last_saved != done:
                 save(done)
             return exitcodes.REQUEUE
         if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
             save(done)
             last_saved = done
-    log(dp, f"done: {cfg.steps} steps")
+    log(groups, f"done: {cfg.steps} steps")
     return exitcodes.OK
 
 
@@ -442,3 +315,5 @@ def _nan_hook(rank: int) -> int | None:
         return None
     step, _, r = spec.partition(",")
     return int(step) if (not r or int(r) == rank) else None
+
+

@@ -62,6 +62,21 @@ def run_train(args, env=None, timeout=120, check=True) -> subprocess.CompletedPr
     return r
 
 
+def ckpt_model(ck) -> dict:
+    """The whole model's tensors in checkpoint directory ``ck`` (any layout, any version)."""
+    from hpcllm.train.checkpoint import CheckpointReader
+
+    return CheckpointReader(ck).model_state()
+
+
+def ckpt_optim(ck) -> dict:
+    """name -> AdamW state of every parameter in checkpoint directory ``ck``."""
+    from hpcllm.train.checkpoint import CheckpointReader
+
+    r = CheckpointReader(ck)
+    return r.optim_state(r.names())
+
+
 def losses(run_dir) -> dict[int, float]:
     """step -> loss from RUN/metrics.jsonl."""
     from hpcllm.train.metrics import read_metrics

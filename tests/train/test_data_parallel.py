@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.cluster.mpi import run_mpi
-from tests.train.conftest import TINY, losses, run_train, train_cmd
+from tests.train.conftest import TINY, ckpt_model, losses, run_train, train_cmd
 
 pytestmark = [pytest.mark.mpi]
 
@@ -20,7 +20,7 @@ def _args(data, out, accum, micro=2):
 
 
 def _final_weights(run):
-    return torch.load(run / "checkpoints" / f"step-{STEPS:08d}" / "model.pt", weights_only=True)
+    return ckpt_model(run / "checkpoints" / f"step-{STEPS:08d}")
 
 
 def _assert_same_training(a, b):
@@ -92,3 +92,14 @@ def test_compiled_blocks_train_like_eager_under_horovod(dataset, single_rank_acc
     wa, wb = _final_weights(single_rank_accum4), _final_weights(out)
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_recompute_in_data_parallel_trains_like_without(dataset, single_rank_accum4, tmp_path):
+    """--recompute without stages: each block's activations recomputed in the backward pass,
+    same losses and weights as the plain run (fp32)."""
+    out = tmp_path / "dp2r"
+    res = run_mpi(train_cmd(*_args(dataset, out, accum=2), "--recompute"), np=2, env={"OMP_NUM_THREADS": "1"},
+                  timeout=120)
+    res.check()
+    assert "activation recomputation per block" in res.stdout
+    _assert_same_training(single_rank_accum4, out)

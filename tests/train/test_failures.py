@@ -13,7 +13,7 @@ from hpcllm import exitcodes
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import read_metrics
 from tests.cluster.mpi import run_mpi
-from tests.train.conftest import TINY, freeze_rank_until_exit, kill_tree, mpi_popen, rank_pids, train_cmd, wait_for
+from tests.train.conftest import TINY, ckpt_model, ckpt_optim, freeze_rank_until_exit, kill_tree, mpi_popen, rank_pids, train_cmd, wait_for
 
 pytestmark = [pytest.mark.mpi]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -34,7 +34,7 @@ def test_nan_loss_on_one_rank_stops_all_with_step_and_rank(dataset, tmp_path):
     good = ckpt.latest_checkpoint(out)
     assert good.name == "step-00000004"
     assert [d.name for d in (out / "checkpoints").iterdir() if d.name.startswith("step-")] == ["step-00000004"]
-    state = ckpt.load_torch(good / "model.pt")
+    state = ckpt_model(good)
     assert all(torch.isfinite(v).all() for v in state.values())
     assert max(r["step"] for r in read_metrics(out)) == 5
 
@@ -59,15 +59,15 @@ def test_fp16_overflow_skips_the_step_on_every_rank(dataset, tmp_path):
     cfg = json.loads((out / "config.json").read_text())["model"]
     init = GPT(GPTConfig(**cfg))
     init.init_weights(0)
-    at_k = ckpt.load_torch(out / "checkpoints" / f"step-{k:08d}" / "model.pt")
+    at_k = ckpt_model(out / "checkpoints" / f"step-{k:08d}")
     for name, v in init.state_dict().items():
         assert torch.equal(v, at_k[name]), name
-    assert ckpt.load_torch(out / "checkpoints" / f"step-{k:08d}" / "optim.pt")["state"] == {}
-    after = ckpt.load_torch(out / "checkpoints" / f"step-{k + 1:08d}" / "model.pt")
+    assert ckpt_optim(out / "checkpoints" / f"step-{k:08d}") == {}
+    after = ckpt_model(out / "checkpoints" / f"step-{k + 1:08d}")
     assert not torch.equal(after["blocks.0.attn.qkv.weight"], at_k["blocks.0.attn.qkv.weight"])
     trainer = json.loads((out / "checkpoints" / "step-00000007" / "trainer.json").read_text())
     assert trainer["loss_scaler"]["skipped"] == k and trainer["loss_scaler"]["scale"] == 2.0 ** (20 - k)
-    assert all(torch.isfinite(v).all() for v in ckpt.load_torch(out / "checkpoints" / "step-00000007" / "model.pt").values())
+    assert all(torch.isfinite(v).all() for v in ckpt_model(out / "checkpoints" / "step-00000007").values())
 
 
 def test_killed_rank_ends_the_job_in_bounded_time(dataset, tmp_path):

@@ -12,7 +12,7 @@ from hpcllm.data.shards import make_manifest, write_manifest
 from hpcllm.data.tokenizer import ByteTokenizer, tokenizer_manifest_entry, train_bpe
 from hpcllm.errors import HpcllmError
 from hpcllm.model.gpt import GPT, GPTConfig
-from hpcllm.train.generate import (SampleConfig, generate, generate_ids, load_model, resolve_checkpoint,
+from hpcllm.infer.generate import (SampleConfig, generate, generate_ids, load_model, resolve_checkpoint,
                                    save_export)
 
 TEXT = ["the quick brown fox jumps over the lazy dog. " * 3, "pack my box with five dozen liquor jugs. " * 3,
@@ -183,7 +183,9 @@ def test_generate_from_a_real_training_run(dataset, tmp_path, capsys):
     run_train(["--data", str(dataset), "--out", str(run), "--steps", "3", "--ckpt-every", "0", *TINY])
     lm = load_model(run)
     assert lm.step == 3 and lm.tokenizer.type == "byte"
-    state = torch.load(resolve_checkpoint(run) / "model.pt", weights_only=True)
+    from tests.train.conftest import ckpt_model
+
+    state = ckpt_model(resolve_checkpoint(run))
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in state.items())
     prompt = list(b"The cluster ")
     ref = list(prompt)

@@ -140,7 +140,8 @@ def test_click_options_are_generated_and_roundtrip():
     def cmd(**kw):
         seen.update(kw)
 
-    argv = ["--data", "d", "--micro-batch", "4", "--no-hierarchical-allreduce", "--schedule", "gpipe"]
+    argv = ["--data", "d", "--micro-batch", "4", "--no-hierarchical-allreduce", "--pipeline-stages", "2",
+            "--schedule", "gpipe"]
     cmd(argv, standalone_mode=False)
     assert to_cli_args(seen) == argv
     cfg = build_config(**seen)
@@ -270,3 +271,50 @@ def test_cpu_peak_flops_per_cycle_by_vector_unit():
     assert (cpu_flops_per_cycle(False, skylake), cpu_flops_per_cycle(True, skylake)) == (64, 64)
     zen3 = info("AuthenticAMD", 25, "avx2 fma")
     assert cpu_flops_per_cycle(False, zen3) == 32
+
+
+def test_auto_precision_decision_rule_is_measured_speed_not_flags():
+    from hpcllm.train.precision import BF16_MIN_SPEEDUP, MatmulProbe, choose_cpu_precision
+
+    shape = (1024, 64, 256)
+    # the Xeon that reports AVX512-BF16 without AMX: bf16 at half the fp32 rate -> fp32
+    slow = MatmulProbe(shape, fp32=290e9, bf16=144e9, threads=2)
+    choice, why = choose_cpu_precision(slow)
+    assert choice == "fp32" and "0.50x" in why and "1024x64x256" in why
+    # AMX (~7x) and Zen 4 (2.5x) -> bf16
+    assert choose_cpu_precision(MatmulProbe(shape, fp32=100e9, bf16=700e9, threads=2))[0] == "bf16"
+    assert choose_cpu_precision(MatmulProbe(shape, fp32=100e9, bf16=250e9, threads=2))[0] == "bf16"
+    # a tie is not worth bf16's rounding
+    assert choose_cpu_precision(MatmulProbe(shape, fp32=100e9, bf16=100e9 * (BF16_MIN_SPEEDUP - 0.01),
+                                            threads=2))[0] == "fp32"
+
+
+def test_matmul_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    import time
+
+    from hpcllm.train.precision import cpu_matmul_probe
+
+    monkeypatch.setenv("HPCLLM_CACHE", str(tmp_path))
+    t0 = time.perf_counter()
+    first = cpu_matmul_probe(256, 64, 256)
+    took = time.perf_counter() - t0
+    assert not first.cached and first.fp32 > 0 and first.bf16 > 0 and took < 2.0
+    again = cpu_matmul_probe(256, 64, 256)
+    assert again.cached and (again.fp32, again.bf16) == (first.fp32, first.bf16)
+    assert (tmp_path / "matmul-probe.json").is_file()
+
+
+def test_auto_precision_names_its_choice_in_the_log(dataset, tmp_path):
+    import re
+
+    from hpcllm.train.precision import BF16_MIN_SPEEDUP
+
+    out = tmp_path / "run"
+    r = run_train([*TINY, "--data", str(dataset), "--out", str(out), "--steps", "1", "--precision", "auto"],
+                  env={"HPCLLM_CACHE": str(tmp_path / "cache")})
+    m = re.search(r"precision auto -> (fp32|bf16): bf16 matmuls ran at ([0-9.]+)x the fp32 rate", r.stdout)
+    assert m, r.stdout
+    choice, ratio = m.group(1), float(m.group(2))
+    assert (choice == "bf16") == (ratio >= BF16_MIN_SPEEDUP)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["precision_resolved"] == choice and "matmuls" in cfg["precision_reason"]

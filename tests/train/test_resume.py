@@ -13,7 +13,7 @@ from hpcllm import exitcodes
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import read_metrics
 from tests.cluster.mpi import run_mpi
-from tests.train.conftest import (TINY, kill_tree, losses, mpi_popen, rank_pids, run_train, train_cmd,
+from tests.train.conftest import (TINY, ckpt_model, ckpt_optim, kill_tree, losses, mpi_popen, rank_pids, run_train, train_cmd,
                                   wait_for)
 
 
@@ -26,15 +26,17 @@ def _assert_identical_runs(ref, resumed, steps):
     la, lb = losses(ref), losses(resumed)
     assert sorted(lb) == list(range(1, steps + 1)), sorted(lb)
     assert la == lb  # exact, not approximately
-    wa = torch.load(ref / "checkpoints" / f"step-{steps:08d}" / "model.pt", weights_only=True)
-    wb = torch.load(resumed / "checkpoints" / f"step-{steps:08d}" / "model.pt", weights_only=True)
+    wa = ckpt_model(ref / "checkpoints" / f"step-{steps:08d}")
+    wb = ckpt_model(resumed / "checkpoints" / f"step-{steps:08d}")
+    assert set(wa) == set(wb)
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
-    oa = torch.load(ref / "checkpoints" / f"step-{steps:08d}" / "optim.pt", weights_only=True)
-    ob = torch.load(resumed / "checkpoints" / f"step-{steps:08d}" / "optim.pt", weights_only=True)
-    for i in oa["state"]:
-        for key in oa["state"][i]:
-            assert torch.equal(oa["state"][i][key], ob["state"][i][key]), (i, key)
+    oa = ckpt_optim(ref / "checkpoints" / f"step-{steps:08d}")
+    ob = ckpt_optim(resumed / "checkpoints" / f"step-{steps:08d}")
+    assert set(oa) == set(ob) and oa
+    for i in oa:
+        for key in oa[i]:
+            assert torch.equal(oa[i][key], ob[i][key]), (i, key)
 
 
 @pytest.mark.mpi
@@ -77,7 +79,7 @@ def test_kill_9_during_checkpoint_write_then_resume_is_exact(dataset, tmp_path):
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         tmpdir = out / "checkpoints" / "step-00000008.tmp"
-        wait_for(lambda: (tmpdir / "model.pt").is_file(), 60, "the half-written checkpoint")
+        wait_for(lambda: (tmpdir / "model-00000.pt").is_file(), 60, "the half-written checkpoint")
         time.sleep(0.2)
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate(timeout=30)

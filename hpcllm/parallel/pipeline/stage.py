@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from hpcllm.model.gpt import GPT, GPTConfig, lm_loss
 from hpcllm.parallel.pipeline.partition import Partition
+from hpcllm.parallel.recompute import apply_recompute
 
 #: the tied embedding matrix, held by the first stage and (as the head) by the last
 TIED = "wte.weight"
@@ -46,6 +46,8 @@ class PipelineStage(torch.nn.Module):
             self.gpt = GPT(cfg, layers=partition.blocks(stage), embed=self.first, head=self.last)
         self.gpt.to_empty(device=device)
         self.gpt.init_weights(seed)
+        if recompute:
+            apply_recompute(self.gpt.block_list())
 
     # parameter names as in the whole model (no "gpt." prefix), for checkpoints and export
     def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
@@ -68,10 +70,7 @@ class PipelineStage(torch.nn.Module):
         if self.first:
             x = g.embed(x)
         for blk in g.block_list():
-            if self.recompute and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = blk(x)
         if not self.last:
             return x
         with self.head_context() if self.head_context else contextlib.nullcontext():

@@ -37,14 +37,10 @@ def losses(run: Path) -> list[float]:
 
 
 def params(run: Path, step: int = STEPS) -> dict:
-    """The whole model's parameters at ``step``: model.pt, or the stage files merged."""
-    ck = run / "checkpoints" / f"step-{step:08d}"
-    if (ck / "model.pt").exists():
-        return torch.load(ck / "model.pt", weights_only=True)
-    out = {}
-    for f in sorted(ck.glob("model-stage*.pt")):
-        out.update(torch.load(f, weights_only=True))
-    return out
+    """The whole model's parameters at ``step``, whatever layout wrote them."""
+    from tests.train.conftest import ckpt_model
+
+    return ckpt_model(run / "checkpoints" / f"step-{step:08d}")
 
 
 def assert_same_params(got: dict, want: dict, what: str = "") -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hpcllm.errors import HpcllmError
-from hpcllm.parallel.pipeline.consolidate import export_checkpoint
+from hpcllm.infer.export import export_checkpoint
 from tests.cluster.mpi import REPO, run_mpi
 from tests.parallel.pipeline.conftest import COMMON, ENV, STEPS, assert_same_params, losses, params
 
@@ -25,8 +25,12 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
     run_mpi([sys.executable, SCRIPT, base, "1f1b", "--", *common, "--microbatches", "2", "--steps", "2",
              "--ckpt-every", "1"], np=4, env=ENV, timeout=150).check()
     ck = run / "checkpoints" / "step-00000002"
-    assert sorted(p.name for p in ck.glob("*-stage*.pt")) == [
-        "model-stage0.pt", "model-stage1.pt", "optim-stage0.pt", "optim-stage1.pt"]
+    # one model and one optimizer file per stage (its first replica writes them)
+    assert sorted(p.name for p in ck.glob("*-0000*.pt")) == [
+        "model-00000.pt", "model-00001.pt", "optim-00000.pt", "optim-00001.pt"]
+    # each tensor written once: the last stage's copy of the tied embedding is stage 0's
+    assert "wte.weight" in torch.load(ck / "model-00000.pt", weights_only=True)
+    assert "wte.weight" not in torch.load(ck / "model-00001.pt", weights_only=True)
     assert sorted(p.name for p in ck.glob("rng-rank*.pt")) == [f"rng-rank{r}.pt" for r in range(4)]
     # steps 3-4 on P=2 x D=1 (4 micro-batches: the same global batch), blocks moved 2,2 -> 1,3
     run_mpi([sys.executable, SCRIPT, base, "1f1b", "--", *common, "--microbatches", "4", "--steps", str(STEPS),
@@ -56,8 +60,8 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
     assert r.stdout.startswith("the ") and len(r.stdout.strip()) > len("the")
 
     # the CLI on a damaged checkpoint: a one-line error, not a traceback
-    (ck / "model-stage1.pt").unlink()
-    with pytest.raises(HpcllmError, match="missing model-stage1.pt"):
+    (ck / "model-00001.pt").unlink()
+    with pytest.raises(HpcllmError, match="1 of the 2 model files of a 2-stage pipeline checkpoint"):
         export_checkpoint(ck, tmp_path / "bad.pt")
     r = subprocess.run([sys.executable, "-m", "hpcllm", "export", str(ck), "--out", str(tmp_path / "bad.pt")],
                        capture_output=True, text=True, env=env, timeout=120)
@@ -65,7 +69,7 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
 
 
 def test_continue_data_parallel_checkpoint_as_pipeline(reference, pp_dataset, tmp_path):
-    # the single-process run's step-2 checkpoint (model.pt, optim.pt) continued on P=2
+    # the single-process run's step-2 checkpoint continued on P=2
     base = tmp_path / "run"
     run_mpi([sys.executable, SCRIPT, base, "gpipe", "--", "--data", pp_dataset, "--pipeline-stages", "2", *COMMON,
              "--microbatches", "4", "--steps", str(STEPS),

@@ -83,17 +83,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         steps = sorted(d for d in ckpts.glob("step-*") if not d.name.endswith(".tmp") and _is_checkpoint_dir(d))
         if steps:
             return steps[-1]
-        raise HpcllmError(f"{ckpts}: no complete checkpoint (step-*/ with model.pt and config.json)")
+        raise HpcllmError(f"{ckpts}: no complete checkpoint (step-*/ with model files and config.json)")
     raise HpcllmError(
-        f"{p}: not a run directory (no checkpoints/), a checkpoint directory (no model.pt) "
+        f"{p}: not a run directory (no checkpoints/), a checkpoint directory (no model files) "
         "or an exported model file"
     )
 
 
 def _is_checkpoint_dir(d: Path) -> bool:
-    return d.is_dir() and (d / "config.json").is_file() and (
-        (d / "model.pt").is_file() or any(d.glob("model-stage*.pt"))
-    )
+    from hpcllm.train.checkpoint import has_model_files
+
+    return d.is_dir() and (d / "config.json").is_file() and has_model_files(d)
 
 
 # --------------------------------------------------------------------------- reading
@@ -168,17 +168,10 @@ def _recorded_sha(*sources: dict) -> str | None:
 
 
 def _merge_state_dicts(ckpt: Path) -> dict:
-    single = ckpt / "model.pt"
-    if single.is_file():
-        state = _torch_load(single)
-    else:
-        # pipeline checkpoints: one file per stage, parameter names are the whole model's
-        state = {}
-        for f in sorted(ckpt.glob("model-stage*.pt")):
-            state.update(_torch_load(f))
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return state
+    """The whole model's tensors from a checkpoint of any layout (by parameter name)."""
+    from hpcllm.train.checkpoint import CheckpointReader
+
+    return CheckpointReader(ckpt).model_state()
 
 
 def _tokenizer_from_json_text(text: str) -> Any:
@@ -196,8 +189,11 @@ def _load_checkpoint_tokenizer(ckpt: Path, config: dict, trainer: dict) -> Any:
 
     want = _recorded_sha(trainer, config)
     copy = ckpt / "tokenizer.json"
+    byte = load_tokenizer("byte")
     if copy.is_file():
         tok, where = load_tokenizer(str(copy)), str(copy)
+    elif want is not None and want == byte.sha256:
+        tok, where = byte, "byte"  # needs no file: the dataset may have moved since training
     else:
         data_dir = _data_dir_of(config)
         if data_dir is None:

@@ -1,0 +1,149 @@
+"""GradSync: the one gradient synchroniser every layout uses.
+
+After a step's backward passes each rank holds its own gradients in ``.grad``. GradSync makes
+them the layout's gradients:
+
+1. **Average over the data-parallel replicas** (Horovod, the ``dp`` process set), overlapped
+   with the backward: each trainable parameter has a ``register_post_accumulate_grad_hook``
+   that is armed only inside :meth:`overlap`, the context the step runner wraps around its
+   last backward pass (the last accumulation micro-batch, or the pipeline engine's last
+   ``bwd``/``wgt``). When that pass has accumulated a parameter's final gradient the hook starts
+   its asynchronous in-place allreduce, named ``hpcllm.grad.<parameter name>`` on every
+   replica (Horovod matches tensors by name and fuses those ready in one cycle), while
+   autograd goes on with earlier layers. With ``compression="fp16"`` the wire carries fp16
+   (``hvd.Compression.fp16``) and the average is written back into ``.grad``.
+2. :meth:`finish` starts any gradient the hooks did not see (the same order everywhere),
+   polls every handle to completion (:func:`~hpcllm.parallel.data_parallel.wait_handle`),
+   then **sums the tied embedding's copies** held by the first and last pipeline stage (their
+   averages over D commute with the sum).
+3. :meth:`norm_sq` is this rank's share of the squared global gradient norm, such that the
+   sum over the world counts every parameter exactly once: a parameter replicated over the D
+   data-parallel replicas contributes ``1/D`` on each, the last stage's copy of the tied
+   matrix contributes nothing. (A sharded parameter, later, contributes its shard.)
+
+A single rank, or a layout without replicas, starts no Horovod collective at all. The
+per-parameter ``_start`` is where a sharded optimizer's reduce-scatter plugs in.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+
+class GradSync:
+    """``named_params``: this rank's (full-model-named) parameters; ``groups`` a
+    :class:`~hpcllm.parallel.groups.ParallelGroups`; ``tied``: the name of this rank's copy of a
+    matrix shared with another stage (summed over ``groups.tie``), or None."""
+
+    def __init__(self, named_params, groups, compression: str = "none", tied: str | None = None):
+        self.params = [(n, p) for n, p in named_params if p.requires_grad]
+        self.groups = groups
+        self.dp_size = groups.dims.dp
+        self.tied = tied if groups.tie is not None else None
+        #: names whose gradient is a duplicate of one counted elsewhere (norm counts it once)
+        self.duplicate = {self.tied} if (self.tied and groups.last_stage) else set()
+        self.hvd = groups.hvd if self.dp_size > 1 else None
+        self.process_set = groups.process_set.get("dp")
+        self.compression = None
+        #: in flight this step: name -> (handle, parameter, tensor on the wire, compression ctx)
+        self.inflight: dict = {}
+        self.armed = False
+        #: of the last step: allreduces started inside the last backward, of those the ones
+        #: already complete when it ended, all started, and seconds :meth:`finish` waited
+        self.started_in_backward = self.done_in_backward = self.started = 0
+        self.wait_s = 0.0
+        self.hooks = []
+        if self.hvd is not None:
+            hvd = self.hvd
+            self.compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+            self.hooks = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in self.params]
+
+    # ---- during the last backward
+    @contextlib.contextmanager
+    def overlap(self):
+        """Wrap the step's last backward pass: gradient hooks start allreduces while inside."""
+        if self.hvd is None:
+            yield
+            return
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+            self.started_in_backward = len(self.inflight)
+            self.done_in_backward = sum(1 for h, *_ in self.inflight.values() if self.hvd.poll(h))
+
+    def _hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if self.armed:
+                self._start(name, p)
+        return hook
+
+    def _start(self, name: str, p: torch.Tensor) -> None:
+        if name in self.inflight:  # a second accumulation after the allreduce began
+            raise RuntimeError(f"gradient of {name} accumulated twice in the last backward pass")
+        g = p.grad
+        wire, ctx = self.compression.compress(g if g.is_contiguous() else g.contiguous())
+        handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Average,
+                                           process_set=self.process_set)
+        self.inflight[name] = (handle, p, wire, ctx)
+
+    # ---- after the backward
+    def finish(self) -> None:
+        """Every gradient is the layout's (averaged over replicas, tied copies summed) when
+        this returns."""
+        t0 = time.perf_counter()
+        if self.hvd is not None:
+            from hpcllm.parallel.data_parallel import wait_handle
+
+            for name, p in self.params:  # gradients the hooks missed, in the same order everywhere
+                if p.grad is not None and name not in self.inflight:
+                    self._start(name, p)
+            self.started = len(self.inflight)
+            with self.groups.waiting("the data-parallel gradient allreduce"):
+                for handle, p, wire, ctx in self.inflight.values():
+                    wait_handle(self.hvd, handle)  # rather than hvd.synchronize's 1 ms sleeps
+                    out = self.compression.decompress(self.hvd.synchronize(handle), ctx)
+                    if out is not p.grad:  # compressed or made contiguous: write the average back
+                        p.grad.copy_(out)
+            self.inflight.clear()
+        if self.tied is not None:
+            with self.groups.waiting("the tied-embedding gradient sum"):
+                self._sum_tied()
+        self.wait_s = time.perf_counter() - t0
+
+    def _sum_tied(self) -> None:
+        """First and last stage add their copies' gradients, so both hold the whole model's."""
+        from mpi4py import MPI
+
+        p = dict(self.params)[self.tied]
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        g = p.grad
+        host = g if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) else g.float().cpu()
+        self.groups.tie.Allreduce(MPI.IN_PLACE, host.detach().numpy(), op=MPI.SUM)
+        if host is not g:
+            g.copy_(host)
+
+    @torch.no_grad()
+    def norm_sq(self) -> float:
+        """This rank's share of the squared global gradient norm (see the module doc)."""
+        grads = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+        return float(norm.double() ** 2) / self.dp_size
+
+    def overlap_shares(self) -> tuple[float, float]:
+        """Of the last step's allreduces: the share started inside the last backward, and the
+        share already complete when it ended (0, 0 without allreduces)."""
+        if not self.started:
+            return 0.0, 0.0
+        return self.started_in_backward / self.started, self.done_in_backward / self.started
+
+    def close(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []

@@ -1,0 +1,126 @@
+"""Apply a parallel layout to the plain GPT, from outside, in one order:
+
+    pipeline split -> activation recomputation -> torch.compile -> gradient synchroniser
+
+(``apply_recompute`` is in :mod:`hpcllm.parallel.recompute`.)
+
+:func:`parallelize` returns what the one training loop needs: this rank's ``module`` (the
+whole :class:`~hpcllm.model.gpt.GPT`, or its pipeline stage), a ``runner`` that runs one
+step's forward and backward passes (:class:`AccumulationRunner`, or the pipeline's
+:class:`~hpcllm.parallel.pipeline.runner.PipelineRunner`) and a validation pass, and the
+:class:`~hpcllm.parallel.grad_sync.GradSync` that turns the rank's gradients into the
+layout's. The model never knows about ranks: parameter names are the whole model's in every
+layout, and initialisation per parameter name gives every layout the same starting weights.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from hpcllm.parallel.grad_sync import GradSync
+from hpcllm.parallel.recompute import apply_recompute
+from hpcllm.parallel.pipeline.stage import TIED
+
+
+# --------------------------------------------------------------------------- data parallel step
+
+
+class AccumulationRunner:
+    """One step without stages: ``accum`` micro-batches, each forward under autocast and its
+    (scaled) loss / accum backward; the gradient synchroniser's context wraps the last."""
+
+    reads_data = True
+
+    def __init__(self, model, device, autocast):
+        self.module, self.device, self.autocast = model, device, autocast
+
+    def forward_backward(self, batches, loss_scale: float, last_backward) -> float:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        n = len(batches)
+        for i, (x, y) in enumerate(batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self.autocast():
+                loss = self.module(x, y) / n
+            with last_backward() if i == n - 1 else contextlib.nullcontext():
+                (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+            loss_sum += loss.detach().float()
+        return float(loss_sum)
+
+    def step_record(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def eval_sums(self, batches) -> tuple[float, int]:
+        was = self.module.training
+        self.module.eval()
+        total, n = 0.0, 0
+        try:
+            for x, y in batches:
+                with self.autocast():
+                    loss = self.module(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                total += float(loss)
+                n += 1
+        finally:
+            self.module.train(was)
+        return total, n
+
+
+# --------------------------------------------------------------------------- the layout applied
+
+
+@dataclass
+class Parallelized:
+    module: torch.nn.Module      # GPT, or this rank's PipelineStage (same parameter names)
+    runner: object               # AccumulationRunner | PipelineRunner
+    grad_sync: GradSync
+    partition: object = None     # the pipeline's Partition, or None
+    compiled_blocks: int = 0
+
+    @property
+    def gpt(self):
+        """The GPT module holding this rank's blocks."""
+        return getattr(self.module, "gpt", self.module)
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    def owned_names(self) -> set[str]:
+        """Names this rank's module holds whose values it alone writes to a checkpoint (the last
+        stage's copy of the tied matrix is stage 0's)."""
+        dup = self.grad_sync.duplicate
+        return {n for n in self.module.state_dict() if n not in dup}
+
+
+def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_batch: int, microbatches: int,
+                partition=None) -> Parallelized:
+    """Build this rank's part of the model for ``groups``' layout (see the module doc);
+    ``partition`` is the pipeline's (required with stages)."""
+    from hpcllm.model.gpt import GPT
+
+    runner = None
+    if groups.dims.pp > 1:
+        from hpcllm.parallel.pipeline.stage import PipelineStage
+
+        module = PipelineStage(gpt_cfg, partition, groups.stage, seed=seed, device=device)
+    else:
+        module = GPT(gpt_cfg, init_seed=seed).to(device)
+    gpt = getattr(module, "gpt", module)
+    if pcfg.recompute:
+        apply_recompute(gpt.block_list())
+    compiled = 0
+    if pcfg.compile:
+        from hpcllm.parallel.compile import compile_blocks
+
+        compiled = compile_blocks(gpt.block_list())
+    if groups.dims.pp > 1:
+        from hpcllm.parallel.pipeline.runner import PipelineRunner
+
+        runner = PipelineRunner(module, groups, pcfg.schedule, microbatches, micro_batch, device, autocast,
+                                timeout_s=pcfg.stall_shutdown_s)
+    else:
+        runner = AccumulationRunner(module, device, autocast)
+    tied = TIED if (groups.dims.pp > 1 and (groups.first_stage or groups.last_stage)) else None
+    sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied)
+    return Parallelized(module, runner, sync, partition, compiled)

@@ -1,0 +1,178 @@
+"""What a training run decides before its first step, the same for every layout: checks of
+the dataset, the model and the checkpoint against each other (before MPI starts, so bad input
+fails fast with one line on every rank alike), the device, the precision, the optimizer, the
+partition of a pipeline, and the run directory."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hpcllm.config import TrainConfig, resolve_model
+from hpcllm.errors import HpcllmError
+from hpcllm.fileio import write_json_atomic
+from hpcllm.train import checkpoint as ckpt
+from hpcllm.train.metrics import truncate_metrics
+
+
+def log(groups, msg: str) -> None:
+    """A console line from world rank 0 only."""
+    if groups is None or groups.is_root:
+        print(f"[hpcllm] {msg}", flush=True)
+
+
+@dataclass
+class Plan:
+    """What a run is, decided from files alone before MPI/Horovod start."""
+
+    info: object                 # DatasetInfo
+    gpt_cfg: object              # GPTConfig
+    resume_dir: Path | None
+    trainer_state: dict | None
+    start_step: int
+    reader: object = None        # CheckpointReader of resume_dir
+
+
+def prepare(cfg: TrainConfig) -> Plan:
+    """Check the dataset, the model and the checkpoint to resume against each other."""
+    from hpcllm.data.loader import DatasetInfo
+
+    if not cfg.data.path:
+        raise HpcllmError("--data is required (a dataset directory from `hpcllm preprocess`)")
+    if not cfg.out:
+        raise HpcllmError("--out is required (the run directory)")
+    if not Path(cfg.data.path).is_dir():
+        raise HpcllmError(f"--data {cfg.data.path}: no such dataset directory")
+    info = DatasetInfo(cfg.data.path)
+    gpt_cfg = resolve_model(cfg.model, info.vocab_size)
+    info.check_vocab(gpt_cfg.vocab_size)
+    if info.windows("train", gpt_cfg.seq_len) == 0:
+        raise HpcllmError(f"{cfg.data.path}: the train split has {info.train_tokens} tokens, fewer than one window "
+                          f"of seq_len+1 = {gpt_cfg.seq_len + 1} (lower --seq-len)")
+    if cfg.logging.eval_every > 0 and info.windows("val", gpt_cfg.seq_len) == 0:
+        raise HpcllmError(f"{cfg.data.path}: the val split has {info.val_tokens} tokens, fewer than one window of "
+                          f"seq_len+1 = {gpt_cfg.seq_len + 1}; use --eval-every 0 or more validation data")
+    pc = cfg.parallel
+    if pc.pipeline_stages > gpt_cfg.n_layer:
+        raise HpcllmError(f"--pipeline-stages {pc.pipeline_stages}: the model has only {gpt_cfg.n_layer} layers "
+                          "(at least one per stage)")
+    resume_dir = ckpt.resolve_resume(Path(cfg.out), cfg.checkpoint.resume)
+    existing = ckpt.list_checkpoints(cfg.out)
+    if resume_dir is None and existing:
+        # a fresh run here would interleave its checkpoints with the old run's (and retention
+        # could delete the new ones): continuing or starting elsewhere must be explicit
+        raise HpcllmError(f"--out {cfg.out}: already holds checkpoints (newest {existing[-1].name}); "
+                          "add --resume auto to continue that run, or choose another --out")
+    tstate = reader = None
+    if resume_dir is not None:
+        reader = ckpt.CheckpointReader(resume_dir)
+        tstate = reader.trainer
+        check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
+    return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0, reader)
+
+
+def check_resume_compat(resume_dir: Path, trainer_state: dict, config: dict, gpt_cfg, info) -> None:
+    """The checkpoint must fit this dataset (same tokenizer) and this model shape."""
+    want = trainer_state.get("tokenizer_sha256")
+    if want and want != info.tokenizer_sha256:
+        raise HpcllmError(f"{resume_dir}: trained with tokenizer sha256 {want[:12]}…, but the dataset "
+                          f"{info.data_dir} has {info.tokenizer_sha256[:12]}… (a different tokenizer)")
+    saved = dict(config.get("model") or {})
+    now = gpt_cfg.to_dict()
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k != "name" and k in saved and saved[k] != now[k]]
+    if diff:
+        raise HpcllmError(f"{resume_dir}: checkpoint model shape differs from this run's ({'; '.join(diff)})")
+
+
+def microbatches(cfg: TrainConfig) -> int:
+    """Micro-batches per rank per step: ``--accum``, or with stages ``--microbatches``
+    (config.validate has refused the two disagreeing)."""
+    if cfg.parallel.pipeline_stages > 1 and cfg.parallel.microbatches:
+        return cfg.parallel.microbatches
+    return cfg.data.accum
+
+
+def setup_device(pcfg, local_rank: int) -> torch.device:
+    """cuda:local_rank or cpu, from --device."""
+    from hpcllm.parallel.data_parallel import compute_device_type
+
+    if compute_device_type(pcfg) == "cuda":
+        if not torch.cuda.is_available():
+            raise HpcllmError("--device cuda: CUDA is not available on this machine")
+        idx = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def build_optimizer(named_params, ocfg, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm).
+
+    ``fused`` None: PyTorch's fused AdamW kernel wherever it has one for the parameters'
+    device (CUDA; CPUs since PyTorch 2.4), else the multi-tensor one. On a CPU the fused step
+    of the 3.3M-parameter benchmark model took 2.1-2.5 ms against 6.3-7.0 ms
+    (``benchmarks/train.py --parts kernels``).
+    """
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+
+    def make(fused_: bool | None) -> torch.optim.AdamW:
+        # fresh group dicts each time: the constructor fills them in place
+        groups = [{"params": decay, "weight_decay": ocfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=ocfg.lr, betas=(ocfg.beta1, ocfg.beta2), eps=ocfg.eps, fused=fused_)
+
+    if fused is None:
+        try:
+            return make(True)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            return make(None)
+    return make(fused or None)
+
+
+def choose_partition(cfg: TrainConfig, gpt_cfg, plan: Plan, groups, device, autocast):
+    """The pipeline's partition: an explicit --balance wins; else a resumed pipeline run with
+    the same number of stages keeps its partition; else balanced by parameters (or measured,
+    ``--balance auto``)."""
+    from hpcllm.parallel.pipeline.partition import Partition, make_partition
+
+    P = groups.dims.pp
+    saved = plan.reader.layout() if plan.reader is not None else {}
+    if cfg.parallel.balance is None and saved.get("pp") == P and saved.get("bounds"):
+        return Partition(tuple(tuple(b) for b in saved["bounds"]))
+    return make_partition(gpt_cfg, P, cfg.parallel.balance or "params", micro_batch=cfg.data.micro_batch,
+                          device=device, autocast=autocast, comm=groups.world)
+
+
+def tokenizer_file(info) -> Path | None:
+    """The dataset's tokenizer file (copied into checkpoints so generate finds it), if any."""
+    name = (info.manifest.get("tokenizer") or {}).get("file")
+    if name:
+        p = Path(info.data_dir) / name
+        if p.is_file():
+            return p
+    return None
+
+
+def trainer_state(step: int, loader, schedule, scaler, info, groups, global_batch: int, layout: dict) -> dict:
+    """trainer.json: everything besides tensors needed to continue exactly, and the layout
+    the checkpoint was written under."""
+    return {"format": ckpt.FORMAT, "version": ckpt.VERSION, "step": step,
+            "loader": loader.state_dict() if loader is not None else None,
+            "lr_schedule": schedule.state_dict(), "loss_scaler": scaler.state_dict(),
+            "tokenizer_sha256": info.tokenizer_sha256, "data_dir": os.path.abspath(info.data_dir),
+            "world_size": groups.size, "global_batch": global_batch, "layout": layout, "saved_at": time.time()}
+
+
+def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
+    """Rank 0 only: create RUN_DIR, drop stale checkpoint temp dirs, write the effective
+    config, and cut metrics.jsonl back to ``start_step`` (a resumed run reads as one run)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.clean_stale(run_dir)
+    write_json_atomic(run_dir / "config.json", config_json)
+    truncate_metrics(run_dir, start_step)
