@@ -114,9 +114,12 @@ def test_every_train_option_passes_through_unchanged(dataset):
         value = _value_for(spec)
         given[spec.param] = value
         args += [spec.flag] if spec.type is bool else [spec.flag, str(value)]
-    args += ["--pipeline-stages", "1", "--steps", "5", "--timeline", "/tmp/tl x.json"]
-    given.update(pipeline_stages=1, steps=5, timeline="/tmp/tl x.json")
-    text = render_train(job(dataset, *args), load_profile("default"))
+    # a layout every option applies to: stages (for --schedule/--microbatches/--balance),
+    # --accum equal to --microbatches, and no --compile with the zbh1 schedule
+    args += ["--pipeline-stages", "2", "--accum", str(given["microbatches"]), "--no-compile", "--steps", "5",
+             "--timeline", "/tmp/tl x.json"]
+    given.update(pipeline_stages=2, accum=given["microbatches"], compile=False, steps=5, timeline="/tmp/tl x.json")
+    text = render_train(job(dataset, *args, sbatch=SbatchOptions(ntasks_per_node=2)), load_profile("default"))
 
     @click.command()
     @add_train_options
