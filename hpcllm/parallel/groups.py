@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 
 from hpcllm.errors import HpcllmError
-from hpcllm.parallel.data_parallel import horovod_env, mpi_env, set_threads
+from hpcllm.parallel.data_parallel import (POLL_INTERVAL_S, POLL_MAX_INTERVAL_S, horovod_env, mpi_env,
+                                           set_threads)
 from hpcllm.parallel.dims import ORDER, ParallelDims
 from hpcllm.parallel.topology import Topology
 
@@ -95,7 +97,7 @@ class ParallelGroups:
         from mpi4py import MPI
 
         with self.waiting(what):
-            self.world.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            wait_request(self.world.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         return buf
 
     def allgather(self, obj, what: str = "an allgather") -> list:
@@ -143,6 +145,17 @@ class ParallelGroups:
     def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.close()
+
+
+def wait_request(req, interval_s: float = POLL_INTERVAL_S, max_interval_s: float = POLL_MAX_INTERVAL_S) -> None:
+    """Complete an mpi4py request by polling it with a growing pause (20 us to 0.5 ms), as
+    :func:`~hpcllm.parallel.data_parallel.wait_handle` waits on Horovod: a blocking MPI call
+    would spin a core (Open MPI's progress loop) that the other ranks' compute and Horovod's
+    background thread need, on a CPU where ranks x threads fill every core."""
+    pause = interval_s
+    while not req.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, max_interval_s)
 
 
 def init_groups(pcfg) -> ParallelGroups:

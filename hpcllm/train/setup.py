@@ -176,3 +176,77 @@ def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
     ckpt.clean_stale(run_dir)
     write_json_atomic(run_dir / "config.json", config_json)
     truncate_metrics(run_dir, start_step)
+
+
+def restore(plan: Plan, module, optimizer, loader, scaler, groups, device) -> None:
+    """Continue from ``plan``'s checkpoint, whatever layout wrote it: this rank's tensors and
+    their optimizer state by name, the loader's position (ranks that read data), the loss
+    scale and this rank's RNG state."""
+    reader, tstate = plan.reader, plan.trainer_state
+    module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
+    names = [n for n, _ in module.named_parameters()]
+    ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
+    if loader is not None:
+        loader.load_state_dict(tstate["loader"])
+    scaler.load_state_dict(tstate.get("loss_scaler") or {})
+    rng = plan.resume_dir / f"rng-rank{groups.rank}.pt"
+    if rng.is_file():
+        ckpt.set_rng_state(ckpt.load_torch(rng))
+
+
+def device_peak(device, precision: str, micro_batch: int, gpt_cfg, override: float | None) -> float:
+    """Peak FLOP/s of one rank's device for MFU; in 16-bit on a CPU, the fp32 peak times the
+    bf16/fp32 matmul ratio measured at the model's shape (the probe ``--precision auto`` uses)."""
+    from hpcllm.train.metrics import device_peak_tflops
+    from hpcllm.train.precision import cpu_matmul_probe, probe_shape
+
+    speedup = None
+    if device.type == "cpu" and precision != "fp32" and not override:
+        speedup = cpu_matmul_probe(*probe_shape(micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model,
+                                                gpt_cfg.mlp_ratio)).bf16_speedup
+    return device_peak_tflops(device, precision, torch.get_num_threads(), override, speedup) * 1e12
+
+
+def _file_sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def check_ranks_agree(groups, plan: Plan) -> None:
+    """Every rank must read the same dataset and the same checkpoint: a node with a stale copy
+    at the same path would otherwise train silently on other data. One allgather of the
+    manifest's (and trainer.json's) sha256; on a mismatch every rank raises the same one-line
+    error naming the ranks that differ."""
+    if groups.size == 1:
+        return
+    manifest = Path(plan.info.data_dir) / "manifest.json"
+    mine = [("dataset", str(manifest), _file_sha256(manifest))]
+    if plan.resume_dir is not None:
+        t = plan.resume_dir / "trainer.json"
+        mine.append(("checkpoint", str(t), _file_sha256(t)))
+    seen = groups.allgather(mine, what="the check that every rank reads the same files")
+    for i, (what, path, _) in enumerate(mine):
+        by_sha: dict = {}
+        for rank, entries in enumerate(seen):
+            by_sha.setdefault(entries[i][2], []).append(rank)
+        if len(by_sha) > 1:
+            parts = [f"rank{'s' if len(r) > 1 else ''} {_ranges(r)} see{'s' if len(r) == 1 else ''} sha256 "
+                     f"{(sha or 'unreadable')[:12]}" for sha, r in sorted(by_sha.items(), key=lambda kv: kv[1][0])]
+            raise HpcllmError(f"{path}: the ranks read different {what} files at this path ({'; '.join(parts)}); "
+                              "a node with a stale or partial copy? Give every node the same files")
+
+
+def _ranges(ranks: list[int]) -> str:
+    """0,1,2,5 -> '0-2, 5'."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}-{r}" if r > start else f"{r}")
+            start = None
+    return ", ".join(out)

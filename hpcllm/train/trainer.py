@@ -33,18 +33,21 @@ import torch
 from hpcllm import exitcodes
 from hpcllm.config import TrainConfig, effective_config
 from hpcllm.train import checkpoint as ckpt
-from hpcllm.train.metrics import MetricsLogger, device_peak_tflops
-from hpcllm.train.precision import (LossScaler, autocast, clip_, cpu_matmul_probe, probe_shape,
-                                    resolve_precision)
+from hpcllm.train.metrics import MetricsLogger
+from hpcllm.train.precision import LossScaler, autocast, clip_, probe_shape, resolve_precision
 from hpcllm.train.schedule import LRSchedule
-from hpcllm.train.setup import (Plan, build_optimizer, choose_partition, log, microbatches, prepare,
-                                prepare_run_dir, setup_device, tokenizer_file, trainer_state)
+from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, choose_partition, device_peak, log,
+                                microbatches, prepare, prepare_run_dir, restore, setup_device, tokenizer_file,
+                                trainer_state)
 
 __all__ = ["Agreed", "agree", "build_optimizer", "train"]
 from hpcllm.train.stop import StopRequest
 
 #: test hook "STEP,RANK": make the loss NaN at 1-based step STEP on RANK (NaN-stop test)
 NAN_ENV = "HPCLLM_TEST_NAN_AT"
+#: test hook "DIR:SECONDS": once the stop handlers are installed, create DIR/rank-R and pause,
+#: so a test can signal a rank during startup at a known point
+PAUSE_ENV = "HPCLLM_TEST_STARTUP_PAUSE"
 
 
 @dataclass
@@ -82,6 +85,7 @@ def train(cfg: TrainConfig) -> int:
     # the first step boundary instead of killing the rank
     stop = StopRequest().install()
     try:
+        _startup_pause()
         plan = prepare(cfg)
         if plan.start_step >= cfg.steps:
             if os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
@@ -114,6 +118,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     log(groups, f"{groups.describe()}; {torch.get_num_threads()} threads per rank"
         + (f"; SLURM_RESTART_COUNT={restarts}" if restarts else ""))
 
+    check_ranks_agree(groups, plan)
     device = setup_device(pc, groups.local_rank)
     precision, why = resolve_precision(cfg.precision.precision, device,
                                        shape=probe_shape(d.micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model,
@@ -142,18 +147,10 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     global_batch = d.micro_batch * M * dims.dp
 
     if reader is not None:
-        names = [n for n, _ in module.named_parameters()]
-        module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
-        ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
-        tstate = plan.trainer_state
-        if loader is not None:
-            loader.load_state_dict(tstate["loader"])
-        scaler.load_state_dict(tstate.get("loss_scaler") or {})
-        rng = plan.resume_dir / f"rng-rank{groups.rank}.pt"
-        if rng.is_file():
-            ckpt.set_rng_state(ckpt.load_torch(rng))
-        if tstate.get("global_batch") not in (None, global_batch):
-            log(groups, f"note: global batch changed from {tstate['global_batch']} to {global_batch} sequences")
+        restore(plan, module, optimizer, loader, scaler, groups, device)
+        if plan.trainer_state.get("global_batch") not in (None, global_batch):
+            log(groups, f"note: global batch changed from {plan.trainer_state['global_batch']} to "
+                f"{global_batch} sequences")
     # the replicas of each part start from the first replica's values (identical anyway, by
     # the seed or the checkpoint: a safety net against ranks that start from different points)
     groups.broadcast_tensors(dict(module.state_dict()))
@@ -162,13 +159,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
 
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
-    peak = 1.0  # other ranks log nothing
-    if groups.is_root:  # MFU is rank 0's to log; in 16-bit on a CPU the peak scales by the measured ratio
-        speedup = None
-        if device.type == "cpu" and precision != "fp32" and not lg.peak_tflops:
-            speedup = cpu_matmul_probe(*probe_shape(d.micro_batch, gpt_cfg.seq_len, gpt_cfg.d_model,
-                                                    gpt_cfg.mlp_ratio)).bf16_speedup
-        peak = device_peak_tflops(device, precision, torch.get_num_threads(), lg.peak_tflops, speedup) * 1e12
+    # MFU is rank 0's to log (other ranks log nothing)
+    peak = device_peak(device, precision, d.micro_batch, gpt_cfg, lg.peak_tflops) if groups.is_root else 1.0
     layout = {**dims.to_dict(), "world": groups.size}
     if dims.pp > 1:
         layout.update(bounds=[list(b) for b in partition.bounds], schedule=pc.schedule, microbatches=M)
@@ -317,3 +309,13 @@ def _nan_hook(rank: int) -> int | None:
     return int(step) if (not r or int(r) == rank) else None
 
 
+
+
+def _startup_pause() -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    where, _, secs = spec.rpartition(":")
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("SLURM_PROCID", "0"))
+    Path(where, f"rank-{rank}").touch()
+    time.sleep(float(secs))

@@ -96,3 +96,28 @@ def test_flags_a_layout_would_ignore_are_one_line_errors(pp_dataset, tmp_path, a
                   check=False)
     assert r.returncode == 2 and msg in r.stderr, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ")
+
+
+def test_stop_signal_during_pipeline_startup_is_a_stop_at_step_1(pp_dataset, tmp_path):
+    """SIGUSR1 to a stage while the job starts (before MPI and the model) is not fatal: the
+    ranks stop together after the first step, checkpoint it and exit 75."""
+    import signal
+
+    from hpcllm import exitcodes
+    from tests.train.conftest import kill_tree, mpi_popen, rank_pids, train_cmd as cmd, wait_for
+
+    out = tmp_path / "run"
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    p = mpi_popen(cmd("--out", out, "--data", pp_dataset, "--pipeline-stages", "2", "--steps", "5", *COMMON), np=2,
+                  env={"HPCLLM_TEST_STARTUP_PAUSE": f"{marks}:3", "HPCLLM_PIPELINE_TIMEOUT": "60"},
+                  marker=f"startup-{tmp_path.name}")
+    try:
+        wait_for(lambda: (marks / "rank-1").exists(), 60, "rank 1's startup")
+        os.kill(rank_pids(f"startup-{tmp_path.name}")[1], signal.SIGUSR1)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        kill_tree(p)
+    assert p.returncode == exitcodes.REQUEUE, stdout + stderr
+    assert "stop requested (on another rank) at step 1" in stdout
+    assert (out / "checkpoints" / "step-00000001" / "trainer.json").is_file()
