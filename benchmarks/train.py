@@ -58,7 +58,7 @@ HVD_SETTINGS = {
     "cycle0.5+inplace": ({"HOROVOD_CYCLE_TIME": "0.5"}, True),
     "cycle0.02+inplace": ({"HOROVOD_CYCLE_TIME": "0.02"}, True),
     # + waiting by polling the handle every 20 us from Python instead of hvd.synchronize()'s
-    # 1 ms sleep loop (what hpcllm's DataParallel.synchronize does)
+    # 1 ms sleep loop (what hvd.synchronize does; hpcllm's GradSync polls instead)
     "default+inplace+poll": ({}, True, 20),
     "cycle0.1+inplace+poll": ({"HOROVOD_CYCLE_TIME": "0.1"}, True, 20),
     "cycle0.5+inplace+poll": ({"HOROVOD_CYCLE_TIME": "0.5"}, True, 20),
@@ -167,7 +167,7 @@ def worker_allreduce(args) -> None:
         del t
 
     # one training step's gradients of the fixed shape: many tensors at once, as
-    # hvd.DistributedOptimizer issues them (async, in place, averaged), then wait for all;
+    # hpcllm's GradSync issues them (async, in place, averaged), then wait for all;
     # mpi4py: one blocking Allreduce per tensor
     grads = [torch.ones(sh) for sh in _grad_shapes()]
     nbytes = sum(g.numel() * 4 for g in grads)

@@ -29,11 +29,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hpcllm.errors import HpcllmError
+from hpcllm.options import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Range, check, number
 
 
-def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, **kw):
-    """A dataclass field carrying its CLI help, flag name and choices."""
+def opt(default, help: str, flag: str | None = None, choices: tuple | None = None, range: Range | None = None,
+        **kw):
+    """A dataclass field carrying its CLI help, flag name, choices and allowed range (checked
+    at parse time for flags and TOML alike; floats must also be finite)."""
     md = {"help": help}
+    if range is not None:
+        md["range"] = range
     if flag:
         md["flag"] = flag
     if choices:
@@ -47,10 +52,10 @@ class ModelConfig:
     """Model shape: a preset, optionally with some dimensions overridden."""
 
     model: str = opt("tiny", "Model preset (tiny, mini, small, 124M, 350M, 760M, 1.3B, 2.7B, 6.7B, 13B, 175B).")
-    n_layer: Optional[int] = opt(None, "Override the preset's number of layers.")
-    n_head: Optional[int] = opt(None, "Override the preset's number of attention heads.")
-    d_model: Optional[int] = opt(None, "Override the preset's model width.")
-    seq_len: Optional[int] = opt(None, "Sequence length in tokens [default: the preset's].")
+    n_layer: Optional[int] = opt(None, "Override the preset's number of layers.", range=AT_LEAST_1)
+    n_head: Optional[int] = opt(None, "Override the preset's number of attention heads.", range=AT_LEAST_1)
+    d_model: Optional[int] = opt(None, "Override the preset's model width.", range=AT_LEAST_1)
+    seq_len: Optional[int] = opt(None, "Sequence length in tokens [default: the preset's].", range=AT_LEAST_1)
     pos_emb: Optional[str] = opt(None, "Position encoding [default: learned].", choices=("learned", "rope"))
 
 
@@ -59,23 +64,23 @@ class DataConfig:
     """The dataset and how it is cut into batches."""
 
     path: Optional[str] = opt(None, "Dataset directory written by `hpcllm preprocess` (required).", flag="--data")
-    micro_batch: int = opt(8, "Sequences per forward/backward pass per rank.")
-    accum: int = opt(1, "Gradient accumulation steps: micro-batches per rank per optimizer step.")
+    micro_batch: int = opt(8, "Sequences per forward/backward pass per rank.", range=AT_LEAST_1)
+    accum: int = opt(1, "Gradient accumulation steps: micro-batches per rank per optimizer step.", range=AT_LEAST_1)
 
 
 @dataclass
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay."""
 
-    lr: float = opt(6e-4, "Peak learning rate.")
-    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of --lr (end of the cosine).")
-    warmup: int = opt(100, "Linear warmup steps (capped at --steps).")
-    decay_steps: Optional[int] = opt(None, "Step where the cosine reaches its minimum [default: --steps].")
-    weight_decay: float = opt(0.1, "AdamW weight decay (matrices and embeddings only; not biases/LayerNorm).")
-    beta1: float = opt(0.9, "AdamW beta1.")
-    beta2: float = opt(0.95, "AdamW beta2.")
-    eps: float = opt(1e-8, "AdamW epsilon.", flag="--adam-eps")
-    grad_clip: float = opt(1.0, "Clip the global norm of the synchronized gradients to this (0: off).")
+    lr: float = opt(6e-4, "Peak learning rate.", range=POSITIVE)
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of --lr (end of the cosine).", range=FRACTION)
+    warmup: int = opt(100, "Linear warmup steps (capped at --steps).", range=NON_NEGATIVE)
+    decay_steps: Optional[int] = opt(None, "Step where the cosine reaches its minimum [default: --steps].", range=AT_LEAST_1)
+    weight_decay: float = opt(0.1, "AdamW weight decay (matrices and embeddings only; not biases/LayerNorm).", range=NON_NEGATIVE)
+    beta1: float = opt(0.9, "AdamW beta1.", range=Range(0, 1, hi_open=True))
+    beta2: float = opt(0.95, "AdamW beta2.", range=Range(0, 1, hi_open=True))
+    eps: float = opt(1e-8, "AdamW epsilon.", flag="--adam-eps", range=POSITIVE)
+    grad_clip: float = opt(1.0, "Clip the global norm of the synchronized gradients to this (0: off).", range=NON_NEGATIVE)
 
 
 @dataclass
@@ -85,8 +90,8 @@ class PrecisionConfig:
     precision: str = opt("auto", "Compute precision; auto = bf16 where the hardware has fast bf16 (CUDA "
                          "Ampere+, CPUs with AMX/AVX512-BF16), else fp32.",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    loss_scale: float = opt(65536.0, "fp16: initial dynamic loss scale.")
-    loss_scale_window: int = opt(1000, "fp16: double the loss scale after this many steps without overflow.")
+    loss_scale: float = opt(65536.0, "fp16: initial dynamic loss scale.", range=POSITIVE)
+    loss_scale_window: int = opt(1000, "fp16: double the loss scale after this many steps without overflow.", range=AT_LEAST_1)
 
 
 @dataclass
@@ -95,12 +100,12 @@ class ParallelConfig:
 
     device: str = opt("auto", "auto (cuda if available), cpu or cuda; with cuda each rank uses GPU local_rank.",
                       choices=("auto", "cpu", "cuda"))
-    threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].")
+    threads: Optional[int] = opt(None, "Intra-op threads per rank [default: cores per node / ranks per node].", range=AT_LEAST_1)
     compile: bool = opt(False, "torch.compile each transformer block (fuses norms, GELU and casts around the "
                         "matmuls; costs 15-60 s at the first step of each process; measure before relying "
                         "on it: no gain for the CPU benchmark shape).")
     grad_compression: str = opt("none", "Compress gradients on the wire (Horovod).", choices=("none", "fp16"))
-    fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).")
+    fusion_threshold_mb: float = opt(64.0, "Horovod tensor fusion buffer in MiB (HOROVOD_FUSION_THRESHOLD).", range=NON_NEGATIVE)
     cycle_time_ms: Optional[float] = opt(None, "Horovod background cycle time in ms (HOROVOD_CYCLE_TIME) "
                                          "[default: 0.1 when the ranks compute on GPUs, 2 on CPU-only ranks]. "
                                          "Each cycle's negotiation spins a CPU core: with GPUs the cores are "
@@ -108,21 +113,21 @@ class ParallelConfig:
                                          "threads fill every core, 2 ms keeps it off the compute cores (without "
                                          "Open MPI yielding, 0.1 ms slowed a 2-rank CPU step 1.7x; with the "
                                          "yielding hpcllm sets, 0.1, 0.5 and 2 ms were within noise: "
-                                         "benchmarks/train.py).")
+                                         "benchmarks/train.py).", range=POSITIVE)
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
                                        "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
-    stall_check_s: float = opt(60.0, "Warn when a rank has waited this many seconds for the others in a collective.")
+    stall_check_s: float = opt(60.0, "Warn when a rank has waited this many seconds for the others in a collective.", range=AT_LEAST_1)
     stall_shutdown_s: float = opt(120.0, "End the job when a rank waits this long for the others in a collective "
-                                  "or a pipeline transfer (a dead or frozen rank).")
-    pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).")
+                                  "or a pipeline transfer (a dead or frozen rank).", range=AT_LEAST_1)
+    pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).", range=AT_LEAST_1)
     schedule: str = opt("1f1b", "Pipeline schedule: 1f1b (stage s holds at most P - s micro-batches of "
                         "activations), gpipe (all forwards, then all backwards; holds M) or zbh1 "
                         "(zero-bubble 1F1B: linear layers' weight gradients deferred into the bubble, "
                         "a third of 1F1B's bubble for up to P more micro-batches of deferred work).",
                         choices=("1f1b", "gpipe", "zbh1"))
     microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum; the same "
-                                      "quantity as --accum, named for pipelines].")
+                                      "quantity as --accum, named for pipelines].", range=AT_LEAST_1)
     balance: Optional[str] = opt(None, "Layers per stage, comma-separated (e.g. 5,4,4,3) [default: even].")
     recompute: bool = opt(False, "Recompute each block's activations in the backward pass (any layout): "
                           "keeps only block inputs between forward and backward, for about one more "
@@ -133,8 +138,8 @@ class ParallelConfig:
 class CheckpointConfig:
     """When to write checkpoints and what to resume from."""
 
-    ckpt_every: int = opt(1000, "Write a checkpoint every N steps (and always at the end; 0: only at the end).")
-    keep: int = opt(3, "Keep the newest K checkpoints.", flag="--keep-checkpoints")
+    ckpt_every: int = opt(1000, "Write a checkpoint every N steps (and always at the end; 0: only at the end).", range=NON_NEGATIVE)
+    keep: int = opt(3, "Keep the newest K checkpoints.", flag="--keep-checkpoints", range=AT_LEAST_1)
     resume: Optional[str] = opt(None, "'auto' (newest complete checkpoint in --out, if any) or a checkpoint "
                                 "directory.")
 
@@ -143,10 +148,10 @@ class CheckpointConfig:
 class LoggingConfig:
     """Metrics, evaluation and throughput accounting."""
 
-    log_every: int = opt(10, "Log metrics every N steps.")
-    eval_every: int = opt(0, "Compute the validation loss every N steps (0: never; also at the end if > 0).")
-    eval_batches: int = opt(8, "Micro-batches per rank for each validation loss.")
-    peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s of one device for MFU [default: by device type].")
+    log_every: int = opt(10, "Log metrics every N steps.", range=AT_LEAST_1)
+    eval_every: int = opt(0, "Compute the validation loss every N steps (0: never; also at the end if > 0).", range=NON_NEGATIVE)
+    eval_batches: int = opt(8, "Micro-batches per rank for each validation loss.", range=AT_LEAST_1)
+    peak_tflops: Optional[float] = opt(None, "Peak TFLOP/s of one device for MFU [default: by device type].", range=POSITIVE)
 
 
 SECTIONS = {
@@ -165,8 +170,8 @@ class TrainConfig:
     """Everything `hpcllm train` needs."""
 
     out: Optional[str] = opt(None, "Run directory: checkpoints/, metrics.jsonl, config.json (required).")
-    steps: int = opt(1000, "Optimizer steps to train for (total, including resumed ones).")
-    seed: int = opt(0, "Seed for initialisation and data order.")
+    steps: int = opt(1000, "Optimizer steps to train for (total, including resumed ones).", range=AT_LEAST_1)
+    seed: int = opt(0, "Seed for initialisation and data order.", range=NON_NEGATIVE)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -193,6 +198,7 @@ class OptionSpec:
     default: Any
     help: str
     choices: tuple | None = None
+    range: Range | None = None
 
     @property
     def param(self) -> str:
@@ -213,7 +219,7 @@ def _specs_of(cls, section) -> list[OptionSpec]:
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         out.append(OptionSpec(flag, section, f.name, _base_type(hints[f.name]), f.default,
-                              f.metadata["help"], f.metadata.get("choices")))
+                              f.metadata["help"], f.metadata.get("choices"), f.metadata.get("range")))
     return out
 
 
@@ -243,7 +249,13 @@ def train_click_options() -> list:
             neg = "--no-" + s.flag[2:]
             decorators.append(click.option(f"{s.flag}/{neg}", s.param, default=None, help=s.help + shown))
             continue
-        ctype = click.Choice(list(s.choices)) if s.choices else {int: int, float: float}.get(s.type, str)
+        if s.choices:
+            ctype = click.Choice(list(s.choices))
+        elif s.type in (int, float):
+            ctype = number(s.type, s.range)
+            shown += f" [{s.range.text() if s.range else 'finite'}]"
+        else:
+            ctype = str
         decorators.append(click.option(s.flag, s.param, type=ctype, default=None, help=s.help + shown))
     return decorators
 
@@ -377,23 +389,12 @@ def validate(cfg: TrainConfig) -> None:
         if not cond:
             raise HpcllmError(msg)
 
-    need(cfg.steps >= 1, f"--steps {cfg.steps}: must be >= 1")
+    # every numeric option in its field's range (and finite): TOML values, flags and configs
+    # built in Python alike
+    for spec in option_specs():
+        target = cfg if spec.section is None else getattr(cfg, spec.section)
+        check(spec.flag, getattr(target, spec.name), spec.range)
     d, o, c, lg, p = cfg.data, cfg.optimizer, cfg.checkpoint, cfg.logging, cfg.parallel
-    need(d.micro_batch >= 1, f"--micro-batch {d.micro_batch}: must be >= 1")
-    need(d.accum >= 1, f"--accum {d.accum}: must be >= 1")
-    need(o.lr > 0, f"--lr {o.lr}: must be > 0")
-    need(0 <= o.min_lr_ratio <= 1, f"--min-lr-ratio {o.min_lr_ratio}: must be in [0, 1]")
-    need(o.warmup >= 0, f"--warmup {o.warmup}: must be >= 0")
-    need(o.grad_clip >= 0, f"--grad-clip {o.grad_clip}: must be >= 0")
-    need(cfg.precision.loss_scale > 0, f"--loss-scale {cfg.precision.loss_scale}: must be > 0")
-    need(c.ckpt_every >= 0, f"--ckpt-every {c.ckpt_every}: must be >= 0")
-    need(c.keep >= 1, f"--keep-checkpoints {c.keep}: must be >= 1")
-    need(lg.log_every >= 1, f"--log-every {lg.log_every}: must be >= 1")
-    need(lg.eval_every >= 0, f"--eval-every {lg.eval_every}: must be >= 0")
-    need(lg.eval_batches >= 1, f"--eval-batches {lg.eval_batches}: must be >= 1")
-    need(p.threads is None or p.threads >= 1, f"--threads {p.threads}: must be >= 1")
-    need(p.pipeline_stages >= 1, f"--pipeline-stages {p.pipeline_stages}: must be >= 1")
-    need(p.microbatches is None or p.microbatches >= 1, f"--microbatches {p.microbatches}: must be >= 1")
     # options of one layout are errors in another, never silently ignored
     if p.pipeline_stages == 1:
         for key, flag in (("parallel.schedule", "--schedule"), ("parallel.microbatches", "--microbatches"),
@@ -408,9 +409,7 @@ def validate(cfg: TrainConfig) -> None:
     need(not (p.compile and p.schedule == "zbh1" and p.pipeline_stages > 1),
          "--compile does not combine with --schedule zbh1 (its weight-gradient split runs eager); "
          "use --schedule 1f1b to compile")
-    need(p.fusion_threshold_mb >= 0, f"--fusion-threshold-mb {p.fusion_threshold_mb}: must be >= 0")
-    need(p.cycle_time_ms is None or p.cycle_time_ms > 0, f"--cycle-time-ms {p.cycle_time_ms}: must be > 0")
-    need(p.stall_check_s >= 1 and p.stall_shutdown_s >= p.stall_check_s,
+    need(p.stall_shutdown_s >= p.stall_check_s,
          f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 
 

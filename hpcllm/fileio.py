@@ -1,8 +1,10 @@
 """Small file helpers shared by the dataset, config and checkpoint writers."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -16,3 +18,43 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def free_space(path) -> str:
+    """Free space on the file system holding ``path`` (or its nearest existing parent), in
+    words: '0 B free on /scratch' ."""
+    p = os.path.abspath(os.fspath(path))
+    while p and not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    try:
+        free = shutil.disk_usage(p).free
+    except OSError:
+        return "free space unknown"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if free < 1024 or unit == "TiB":
+            return f"{free:.0f} {unit} free" if unit == "B" else f"{free:.1f} {unit} free"
+        free /= 1024
+    return "free space unknown"
+
+
+def write_error(what: str, path, e: OSError):
+    """The one-line error for a failed write: what was being written, why, and the space left."""
+    from hpcllm.errors import HpcllmError
+
+    why = e.strerror or str(e)
+    if e.errno == errno.EFBIG:
+        why += " (a file-size limit, ulimit -f?)"
+    return HpcllmError(f"{os.fspath(path)}: cannot write {what} ({why}; {free_space(path)})")
+
+
+#: errno values of writes that fail for lack of room or permission to write
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
+def is_write_failure(e: OSError) -> bool:
+    """A full disk, a quota, a file-size limit, a read-only or failing device (HDF5 reports
+    some of these without an errno, in its message)."""
+    return e.errno in WRITE_ERRNOS or any(s in str(e) for s in ("No space left", "Disk quota", "File too large"))

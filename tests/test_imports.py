@@ -14,7 +14,7 @@ ALLOWED = {
     "infer": {"model", "data", "train.checkpoint"},
 }
 #: leaf modules anything may import
-LEAVES = {"errors", "fileio", "exitcodes", "config"}
+LEAVES = {"errors", "fileio", "exitcodes", "config", "schema", "options", "locking"}
 
 
 def _module_name(path: Path) -> str:

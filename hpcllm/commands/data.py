@@ -9,6 +9,7 @@ import sys
 import click
 
 from hpcllm.errors import HpcllmError
+from hpcllm.options import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Range, number
 
 
 def _command_line() -> str:
@@ -50,22 +51,22 @@ task, then `hpcllm preprocess merge OUT` once all tasks have finished.""")
 @click.option("--text-key", default="text", show_default=True, help="JSON key (dotted for nested) or parquet column.")
 @click.option("--txt-split", type=click.Choice(["none", "blank-line"]), default="none", show_default=True,
               help="A .txt file is one document, or one document per blank-line separated block.")
-@click.option("--val-fraction", type=float, default=0.005, show_default=True,
+@click.option("--val-fraction", type=number(float, FRACTION), default=0.005, show_default=True,
               help="Fraction of documents (by content hash) in the val split.")
-@click.option("--shard-tokens", type=int, default=1 << 26, show_default=True, help="Tokens per shard (at least).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Tokenizing processes.")
-@click.option("--min-chars", type=int, default=32, show_default=True, help="Drop shorter documents.")
+@click.option("--shard-tokens", type=number(int, AT_LEAST_1), default=1 << 26, show_default=True, help="Tokens per shard (at least).")
+@click.option("--workers", type=number(int, AT_LEAST_1), default=1, show_default=True, help="Tokenizing processes.")
+@click.option("--min-chars", type=number(int, NON_NEGATIVE), default=32, show_default=True, help="Drop shorter documents.")
 @click.option("--nfc/--no-nfc", default=True, show_default=True, help="Unicode NFC normalisation.")
 @click.option("--strip-control/--keep-control", default=True, show_default=True,
               help="Remove control characters other than newline and tab.")
 @click.option("--dedup/--no-dedup", default=True, show_default=True, help="Drop exact duplicates (content hash).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping and counting it.")
-@click.option("--num-tasks", type=int, default=None, help="Job-array size [SLURM_ARRAY_TASK_COUNT].")
-@click.option("--task-id", type=int, default=None, help="This task's index [SLURM_ARRAY_TASK_ID].")
+@click.option("--num-tasks", type=number(int, AT_LEAST_1), default=None, help="Job-array size [SLURM_ARRAY_TASK_COUNT].")
+@click.option("--task-id", type=number(int, NON_NEGATIVE), default=None, help="This task's index [SLURM_ARRAY_TASK_ID].")
 @click.option("--compression", type=click.Choice(["none", "lzf"]), default="none", show_default=True,
               help="Shard storage (none: fastest random windows).")
-@click.option("--max-doc-mb", type=int, default=32, show_default=True, help="Reject larger records.")
-@click.option("--item-bytes", type=int, default=1 << 20, show_default=True, help="Bytes per work item.")
+@click.option("--max-doc-mb", type=number(int, AT_LEAST_1), default=32, show_default=True, help="Reject larger records.")
+@click.option("--item-bytes", type=number(int, AT_LEAST_1), default=1 << 20, show_default=True, help="Bytes per work item.")
 @click.option("--overwrite", is_flag=True, help="Replace a dataset or unfinished run with other arguments in OUT.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal).")
 def preprocess(inputs, out, **options):
@@ -94,7 +95,7 @@ def _summary(out, m):
 @click.command()
 @click.argument("data_dir", type=click.Path(file_okay=False))
 @click.option("--verify", is_flag=True, help="Check every shard's sha256 and structure.")
-@click.option("--show", type=int, default=0, metavar="N", help="Decode and print N documents.")
+@click.option("--show", type=number(int, NON_NEGATIVE), default=0, metavar="N", help="Decode and print N documents.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
               help="Split that --show reads.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -118,12 +119,12 @@ def tokenizer():
 
 @tokenizer.command("train")
 @click.argument("corpus", nargs=-1, required=True)
-@click.option("--vocab-size", type=int, required=True, help="Vocabulary size, <|endoftext|> included.")
+@click.option("--vocab-size", type=number(int, Range(258)), required=True, help="Vocabulary size, <|endoftext|> included.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="tokenizer.json to write.")
 @click.option("--text-key", default="text", show_default=True, help="JSON key (dotted) or parquet column.")
 @click.option("--txt-split", type=click.Choice(["none", "blank-line"]), default="none", show_default=True)
-@click.option("--max-mb", type=float, default=None, help="Train on at most this many MB of text.")
-@click.option("--min-frequency", type=int, default=2, show_default=True, help="Minimum pair count to merge.")
+@click.option("--max-mb", type=number(float, POSITIVE), default=None, help="Train on at most this many MB of text.")
+@click.option("--min-frequency", type=number(int, AT_LEAST_1), default=2, show_default=True, help="Minimum pair count to merge.")
 def tokenizer_train(corpus, vocab_size, out, text_key, txt_split, max_mb, min_frequency):
     """Train a byte-level BPE on CORPUS... (same input forms as preprocess)."""
     from hpcllm.data.preprocess import train_tokenizer

@@ -7,6 +7,7 @@ import sys
 import click
 
 from hpcllm.errors import HpcllmError
+from hpcllm.options import AT_LEAST_1, POSITIVE, Range, number
 
 
 def _num(what):
@@ -27,27 +28,27 @@ def _num(what):
 @click.option("--tokens", callback=_num("tokens"), metavar="D", help="Data size, e.g. 300B: the model it suits.")
 @click.option("--method", type=click.Choice(["chinchilla", "parametric"]), default="chinchilla", show_default=True,
               help="chinchilla: ~20 tokens/param (approaches 1-2); parametric: minimum of the fitted L(N, D).")
-@click.option("--tokens-per-param", type=float, default=20.0, show_default=True,
+@click.option("--tokens-per-param", type=number(float, POSITIVE), default=20.0, show_default=True,
               help="Tokens per parameter of the chinchilla method.")
 @click.option("--device", default="h100", show_default=True,
               help="a100-40gb, a100-80gb, h100-80gb, h200-141gb (aliases a100, h100, h200), cpu (this "
                    "machine, measured) or a .toml profile.")
-@click.option("--mfu", type=float, default=None, help="Model-FLOPs utilisation [default: the device's, 0.4 on GPUs].")
+@click.option("--mfu", type=number(float, Range(0, 1, lo_open=True)), default=None, help="Model-FLOPs utilisation [default: the device's, 0.4 on GPUs].")
 @click.option("--data", "data", type=click.Path(), default=None,
               help="A `hpcllm preprocess` output: compare its tokens with those needed.")
 @click.option("--model", default=None, help="Preset to lay out [default: the nearest to the optimum].")
-@click.option("--seq-len", type=int, default=None, help="Sequence length [default: the preset's].")
-@click.option("--nodes", "-N", type=int, default=1, show_default=True, help="Nodes.")
-@click.option("--devices-per-node", type=int, default=None, help="Devices (ranks) per node [default: the device's].")
-@click.option("--global-batch", type=int, default=None,
+@click.option("--seq-len", type=number(int, AT_LEAST_1), default=None, help="Sequence length [default: the preset's].")
+@click.option("--nodes", "-N", type=number(int, AT_LEAST_1), default=1, show_default=True, help="Nodes.")
+@click.option("--devices-per-node", type=number(int, AT_LEAST_1), default=None, help="Devices (ranks) per node [default: the device's].")
+@click.option("--global-batch", type=number(int, AT_LEAST_1), default=None,
               help="Sequences per optimizer step [default: ~0.5M tokens on GPUs, 16 per rank on CPUs].")
 @click.option("--precision", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
 @click.option("--schedule", type=click.Choice(["1f1b", "gpipe", "zbh1"]), default="1f1b", show_default=True)
-@click.option("--pipeline-stages", type=int, default=None, help="Only layouts with this many stages.")
-@click.option("--micro-batch", type=int, default=None, help="Only layouts with this micro-batch.")
+@click.option("--pipeline-stages", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this many stages.")
+@click.option("--micro-batch", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this micro-batch.")
 @click.option("--recompute/--no-recompute", default=None, help="Only layouts with / without recomputation.")
-@click.option("--top", type=int, default=8, show_default=True, help="Layouts to list.")
+@click.option("--top", type=number(int, AT_LEAST_1), default=8, show_default=True, help="Layouts to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--emit-slurm", "emit_slurm", type=click.Path(), default=None, metavar="FILE",
               help="Write the recommended layout's `hpcllm slurm train` batch script to FILE ('-': stdout).")

@@ -11,6 +11,7 @@ import click
 
 from hpcllm.config import add_train_options, to_cli_args
 from hpcllm.errors import HpcllmError
+from hpcllm.options import AT_LEAST_1, NON_NEGATIVE, number
 
 PASSTHROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -25,7 +26,7 @@ def sbatch_options(func):
         click.option("--partition", "-p", default=None, help="Partition (queue)."),
         click.option("--qos", default=None, help="Quality of service."),
         click.option("--time", "-t", "time_limit", default=None, help="Time limit: MINUTES, HH:MM:SS or D-HH:MM."),
-        click.option("--cpus-per-task", "-c", type=int, default=None, help="Cores per task (threads per rank)."),
+        click.option("--cpus-per-task", "-c", type=number(int, AT_LEAST_1), default=None, help="Cores per task (threads per rank)."),
         click.option("--mem", default=None, help="Memory per node, e.g. 64G."),
         click.option("--exclusive", is_flag=True, default=None, help="Whole nodes only."),
         click.option("--constraint", "-C", default=None, help="Node features, e.g. a100."),
@@ -38,8 +39,10 @@ def sbatch_options(func):
         click.option("--chdir", "-D", default=None, help="Working directory of the job [default: where submitted]."),
         click.option("--env", "env_vars", multiple=True, metavar="KEY=VALUE",
                      help="Export this in the job (repeatable); the value is quoted."),
-        click.option("--hpcllm-cmd", default="hpcllm", show_default=True,
-                     help="How the job runs hpcllm, e.g. 'python -m hpcllm' or a full path."),
+        click.option("--hpcllm-cmd", default=None,
+                     help="How the job runs hpcllm, e.g. 'python -m hpcllm' or a full path [default: "
+                          "this installation's interpreter, `/path/to/python -m hpcllm`; `hpcllm` when the "
+                          "profile sets up the environment (venv, modules, setup)]."),
         click.option("--submit", is_flag=True, help="Submit with sbatch --parsable and print the job ids."),
         click.option("--dry-run", is_flag=True, help="Print the scripts and sbatch commands; write nothing."),
     ]
@@ -57,6 +60,13 @@ def _sbatch(kw: dict, **extra):
         mem=kw.pop("mem"), exclusive=kw.pop("exclusive"), constraint=kw.pop("constraint"),
         output=kw.pop("stdout_pattern"), error=kw.pop("stderr_pattern"), mail_user=kw.pop("mail_user"),
         mail_type=kw.pop("mail_type"), dependency=kw.pop("dependency"), chdir=kw.pop("chdir"), **extra)
+
+
+def _cmd(value):
+    """--hpcllm-cmd as words, or None (the default: see hpcllm.launch.slurm.hpcllm_command)."""
+    from hpcllm.launch.slurm import shell_split
+
+    return shell_split(value) if value else None
 
 
 def _env(pairs) -> dict:
@@ -109,16 +119,16 @@ def profiles_cmd():
 
 def _train_job_options(func):
     opts = [
-        click.option("--nodes", "-N", type=int, default=None, help="Nodes."),
-        click.option("--ntasks-per-node", type=int, default=None,
+        click.option("--nodes", "-N", type=number(int, AT_LEAST_1), default=None, help="Nodes."),
+        click.option("--ntasks-per-node", type=number(int, AT_LEAST_1), default=None,
                      help="Ranks per node [default: GPUs per node, else 1 or the profile's]."),
-        click.option("--gpus-per-node", type=int, default=None, help="GPUs per node (at most the profile's)."),
+        click.option("--gpus-per-node", type=number(int, NON_NEGATIVE), default=None, help="GPUs per node (at most the profile's)."),
         click.option("--gres", default=None, help="Generic resources instead of --gpus-per-node, e.g. gpu:a100:4."),
         click.option("--launcher", type=click.Choice(["srun", "mpirun", "horovodrun"]), default=None,
                      help="srun --mpi=pmix, mpirun inside the allocation, or horovodrun [default: the profile's]."),
-        click.option("--max-requeues", type=int, default=5, show_default=True,
+        click.option("--max-requeues", type=number(int, NON_NEGATIVE), default=5, show_default=True,
                      help="Requeue after a checkpointed stop at most this many times."),
-        click.option("--signal-lead", type=int, default=300, show_default=True,
+        click.option("--signal-lead", type=number(int, NON_NEGATIVE), default=300, show_default=True,
                      help="Seconds before the time limit when the job checkpoints and requeues (USR1)."),
         click.option("--requeue/--no-requeue", default=True, show_default=True,
                      help="Requeue after a checkpointed stop (time limit, preemption)."),
@@ -145,7 +155,7 @@ def _train_job(kw: dict, check_data: bool, extra_args=()):
     return TrainJob(
         sbatch=sb, train_args=to_cli_args(train_flags) + list(extra_args), launcher=kw.pop("launcher"),
         max_requeues=kw.pop("max_requeues"), signal_lead_s=kw.pop("signal_lead"), requeue=kw.pop("requeue"),
-        env=_env(kw.pop("env_vars")), hpcllm_cmd=shell_split(kw.pop("hpcllm_cmd")), check_data=check_data)
+        env=_env(kw.pop("env_vars")), hpcllm_cmd=_cmd(kw.pop("hpcllm_cmd")), check_data=check_data)
 
 
 def _common_pop(kw):
@@ -179,8 +189,8 @@ def train_cmd(ctx, **kw):
 
 def _prep_options(func):
     opts = [
-        click.option("--tasks", type=int, required=True, help="Array tasks T: --array=0-(T-1)."),
-        click.option("--max-parallel", type=int, default=None, help="At most this many tasks at once (%MAX)."),
+        click.option("--tasks", type=number(int, AT_LEAST_1), required=True, help="Array tasks T: --array=0-(T-1)."),
+        click.option("--max-parallel", type=number(int, AT_LEAST_1), default=None, help="At most this many tasks at once (%MAX)."),
     ]
     for opt in reversed(opts):
         func = opt(func)
@@ -192,7 +202,7 @@ def _prep_job(kw, args):
 
     return PreprocessJob(sbatch=_sbatch(kw), preprocess_args=list(args), tasks=kw.pop("tasks"),
                          max_parallel=kw.pop("max_parallel"), env=_env(kw.pop("env_vars")),
-                         hpcllm_cmd=shell_split(kw.pop("hpcllm_cmd")))
+                         hpcllm_cmd=_cmd(kw.pop("hpcllm_cmd")))
 
 
 @slurm.command("preprocess", context_settings=PASSTHROUGH)
@@ -234,7 +244,7 @@ def preprocess_cmd(ctx, **kw):
 @click.option("--preprocess", "preprocess_args", required=True, metavar="ARGS",
               help="`hpcllm preprocess` arguments as one string: inputs, --out DIR, options. The "
                    "training --data defaults to that --out.")
-@click.option("--prep-cpus-per-task", type=int, default=None, help="Cores per preprocessing task.")
+@click.option("--prep-cpus-per-task", type=number(int, AT_LEAST_1), default=None, help="Cores per preprocessing task.")
 @click.option("--prep-time", default=None, help="Time limit of each preprocessing task and of the merge.")
 @click.option("--prep-mem", default=None, help="Memory of each preprocessing task.")
 @click.option("--prep-partition", default=None, help="Partition for preprocessing [default: --partition].")
@@ -280,7 +290,7 @@ def chain_cmd(ctx, **kw):
     prep_profile = replace(profile, sbatch={k: v for k, v in profile.sbatch.items()
                                             if k in ("account", "qos", "partition", "time")})
     prep = PreprocessJob(sbatch=prep_sb, preprocess_args=prep_args, tasks=tasks, max_parallel=max_parallel,
-                         env=_env(env_pairs), hpcllm_cmd=shell_split(hpcllm_cmd))
+                         env=_env(env_pairs), hpcllm_cmd=_cmd(hpcllm_cmd))
     array_text, merge_text = render_preprocess(prep, prep_profile)
     train_text = render_train(job, profile)
     scripts = [Script("preprocess.sbatch", array_text)]

@@ -4,6 +4,7 @@ import sys
 import click
 
 from hpcllm.config import add_train_options
+from hpcllm.options import AT_LEAST_1, NON_NEGATIVE, number
 
 
 # --------------------------------------------------------------------------- train
@@ -37,17 +38,20 @@ def train(config_file, **flags):
 @click.command()
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", default="", show_default=True, help="Text to continue (empty: start from end-of-document).")
-@click.option("--max-new-tokens", type=int, default=200, show_default=True, help="Tokens to generate.")
-@click.option("--temperature", type=float, default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
-@click.option("--top-k", type=int, default=50, show_default=True, help="Sample among the k most likely tokens (0: all).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (same seed, same text).")
+@click.option("--max-new-tokens", type=number(int, AT_LEAST_1), default=200, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=number(float, NON_NEGATIVE), default=0.8, show_default=True, help="Softmax temperature; 0 = greedy.")
+@click.option("--top-k", type=number(int, NON_NEGATIVE), default=50, show_default=True, help="Sample among the k most likely tokens (0: all).")
+@click.option("--seed", type=number(int, NON_NEGATIVE), default=0, show_default=True, help="Sampling seed (same seed, same text).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device):
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
     tokenizer the model was trained with (checked by sha256). One process, no MPI."""
-    from hpcllm.infer.generate import SampleConfig, generate as run_generate
+    from hpcllm.infer.generate import SampleConfig, generate as run_generate, valid_prompt
 
+    prompt, note = valid_prompt(prompt)
+    if note:
+        click.echo(f"note: {note}", err=True)
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k or None, seed=seed)
     click.echo(prompt + run_generate(checkpoint, prompt, sample, device=device))

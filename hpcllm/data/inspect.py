@@ -10,7 +10,7 @@ def inspect_dataset(data_dir: str, verify: bool = False, show: int = 0, split: s
     """A JSON-able report; ``report["text"]`` is the human-readable form."""
     m = read_manifest(data_dir)
     tok = m["tokenizer"]
-    lines = [f"dataset   {os.path.abspath(data_dir)}  (format {m['format']} v{m['version']}, created {m['created']})",
+    lines = [f"dataset   {os.path.abspath(data_dir)}  (format {m['format']} v{m['version']}, created {m.get('created', '?')})",
              f"tokenizer {tok['type']}, vocab {tok['vocab_size']}, eod {tok['eod_id']}, sha256 {tok['sha256'][:16]}"
              + (f", file {tok['file']}" if tok.get("file") else ""),
              "corpora   " + ", ".join(f"{c['name']} (weight {c['weight']:g})" for c in m["corpora"])]

@@ -24,6 +24,7 @@ packer (dedup, split, shard filling) a single-task run uses, so the result equal
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -43,8 +44,10 @@ from hpcllm.data.clean import CleanOptions, content_hash, drop_reason, is_val, n
 from hpcllm.data.sources import (SourceOptions, iter_items, parse_inputs, parse_item, plan_units,
                                  resolve_files, split_units)
 from hpcllm.data.tokenizer import load_tokenizer, token_dtype, tokenizer_manifest_entry
-from hpcllm.errors import HpcllmError
-from hpcllm.fileio import write_json_atomic
+from hpcllm.errors import HpcllmError, excerpt
+from hpcllm.fileio import is_write_failure, write_error, write_json_atomic
+from hpcllm.locking import lock_dir, lock_file
+from hpcllm.schema import COUNT, POSITIVE, MapOf, Nullable, validate
 
 WORK = ".work"
 PARTS = "parts"
@@ -301,6 +304,10 @@ class Progress:
     def close(self):
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def summary(self):
+        """The closing line, once the output is complete (a failed run ends with its error only)."""
         el = max(time.monotonic() - self.t0, 1e-9)
         log(f"{self.label}: {self.docs} docs, {_si(self.tokens)} tokens, {self.nbytes / 1e6:.1f} MB in {el:.1f} s "
             f"({self.nbytes / 1e6 / el:.2f} MB/s, {_si(self.tokens / el)} tokens/s)")
@@ -366,7 +373,7 @@ class Packer:
         self.db.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT)")
         self.db.execute("CREATE TABLE IF NOT EXISTS seen (h BLOB PRIMARY KEY) WITHOUT ROWID")
         row = self.db.execute("SELECT v FROM kv WHERE k='state'").fetchone()
-        state = json.loads(row[0]) if row else None
+        state = read_state(row[0], os.path.join(self.work, "state.sqlite"), PACKER_STATE) if row else None
         if state is not None and state["fingerprint"] != fingerprint:
             if not overwrite:
                 self.db.close()
@@ -580,6 +587,34 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
+# -- resume state: one validating reader ---------------------------------------------------------
+
+#: the packer's committed state (in OUT/.work/state.sqlite) and a task part's state.json: what
+#: resuming relies on
+PACKER_STATE = {"fingerprint": str, "last_key": Nullable(list), "shards": {"train": list, "val": list},
+                "open": dict, "dropped": MapOf(COUNT), "corpus_docs": [COUNT]}
+PART_STATE = {"fingerprint": str, "config": dict, "num_tasks": POSITIVE, "task_id": COUNT,
+              "last_key": Nullable(list), "tokens": COUNT, "docs": COUNT, "dropped": MapOf(COUNT), "done": bool}
+
+
+def read_state(text: str, where: str, schema) -> dict:
+    try:
+        state = json.loads(text)
+    except (TypeError, ValueError) as e:
+        raise HpcllmError(f"{where}: damaged resume state ({excerpt(e, 80)}); rerun with --overwrite") from None
+    validate(state, schema, where)
+    return state
+
+
+def read_state_file(path: str, schema) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HpcllmError(f"{path}: unreadable resume state ({excerpt(e, 80)}); rerun with --overwrite") from None
+    return read_state(text, path, schema)
+
+
 # -- task parts -------------------------------------------------------------------------------
 
 PART_DOC = np.dtype([("hash", "u1", (16,)), ("length", "<i8"), ("corpus", "<i4"), ("val", "u1")])
@@ -596,8 +631,7 @@ class PartSink:
         os.makedirs(self.dir, exist_ok=True)
         state = None
         if os.path.isfile(self.state_path):
-            with open(self.state_path, encoding="utf-8") as f:
-                state = json.load(f)
+            state = read_state_file(self.state_path, PART_STATE)
             if state["fingerprint"] != fingerprint:
                 if not overwrite:
                     raise HpcllmError(f"{self.dir}: holds a task part made from other inputs or options "
@@ -693,6 +727,21 @@ def _command(opts: PreprocessOptions, inputs, out) -> str:
 
 def run_preprocess(inputs: list[str], out: str, **options) -> dict:
     """Preprocess ``inputs`` into the dataset directory ``out``; returns the manifest
+    (or, for one task of a job array, a summary of the task's part). A full disk (or another
+    failed write) is one line; what was committed stays, and the same command resumes."""
+    try:
+        return _run_preprocess(inputs, out, **options)
+    except sqlite3.DatabaseError as e:  # a damaged or foreign resume state, found while using it
+        raise _damaged_state(os.fspath(out), e) from None
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise HpcllmError(f"{write_error('the dataset', e.filename or out, e)}; rerun the same command to resume "
+                          "once there is room") from None
+
+
+def _run_preprocess(inputs: list[str], out: str, **options) -> dict:
+    """Preprocess ``inputs`` into the dataset directory ``out``; returns the manifest
     (or, for one task of a job array, a summary of the task's part)."""
     opts = _options(options)
     out = os.fspath(out)
@@ -709,51 +758,64 @@ def run_preprocess(inputs: list[str], out: str, **options) -> dict:
     num_tasks, task_id = task_layout(opts.num_tasks, opts.task_id)
     units = plan_units(files, source)
     os.makedirs(out, exist_ok=True)
-    config = {"tokenizer_entry": tokenizer_manifest_entry(tok, None), "tokenizer_path": tok.path,
-              "corpora": corpora_entry, "dtype": np.dtype(dtype).str, "shard_tokens": opts.shard_tokens,
-              "compression": opts.compression, "dedup": opts.dedup, "command": _command(opts, inputs, out)}
-    if num_tasks > 1:
-        units = split_units(units, num_tasks, task_id)
-        sink = PartSink(out, num_tasks, task_id, fingerprint=fingerprint, config=config, dtype=dtype,
-                        overwrite=opts.overwrite)
-        if sink.state["done"]:
-            sink.abort()
-            return sink.finish()
-        label = f"preprocess task {task_id}/{num_tasks}"
-    else:
-        sink = _packer(out, fingerprint, config, opts.overwrite)
-        if sink.done_manifest is not None:
-            log(f"{out}: already complete (same inputs and options), nothing to do (delete it to redo it)")
-            return sink.done_manifest
-        label = "preprocess"
-    after = sink.last_key
-    if after is not None:
-        log(f"{label}: resuming after item {tuple(after)}")
-    total = sum(u.weight for u in units)
-    cfg = WorkerConfig(opts.tokenizer if tok.path is None else tok.path, source, clean, opts.val_fraction)
-    progress = Progress(total, label, opts.progress, opts.log_every)
-    warnings = Warnings(opts.max_warnings)
-    items = iter_items(files, units, source, after=tuple(after) if after else None)
-    results = ordered_results(items, cfg, opts.workers)
-    ok = False
-    try:
-        for res in results:
-            for line, reason, message in res.errors:
-                if opts.strict:
-                    raise HpcllmError(message.removesuffix(", skipped") + " (--strict)")
-                warnings.report(reason, message)
-            sink.count(res.dropped)
-            sink.count(Counter(reason for _, reason, _ in res.errors))
-            kept = sink.add(res)
-            sink.commit(res.key)
-            progress.update(kept, int(res.lengths.sum()), res.nbytes)
-        ok = True
-    finally:
-        results.close()
-        progress.close()
-        if not ok:
-            sink.abort()
-    return sink.finish()
+    with contextlib.ExitStack() as locks:  # one writer per output, for the whole run
+        if num_tasks > 1:  # job-array tasks share OUT; each holds its own part
+            locks.enter_context(lock_dir(out, shared=True))
+            locks.enter_context(lock_dir(part_dir(out, num_tasks, task_id)))
+        else:
+            locks.enter_context(lock_dir(out))
+        config = {"tokenizer_entry": tokenizer_manifest_entry(tok, None), "tokenizer_path": tok.path,
+                  "corpora": corpora_entry, "dtype": np.dtype(dtype).str, "shard_tokens": opts.shard_tokens,
+                  "compression": opts.compression, "dedup": opts.dedup, "command": _command(opts, inputs, out)}
+        if num_tasks > 1:
+            units = split_units(units, num_tasks, task_id)
+            sink = PartSink(out, num_tasks, task_id, fingerprint=fingerprint, config=config, dtype=dtype,
+                            overwrite=opts.overwrite)
+            if sink.state["done"]:
+                sink.abort()
+                return sink.finish()
+            label = f"preprocess task {task_id}/{num_tasks}"
+        else:
+            sink = _packer(out, fingerprint, config, opts.overwrite)
+            if sink.done_manifest is not None:
+                log(f"{out}: already complete (same inputs and options), nothing to do (delete it to redo it)")
+                return sink.done_manifest
+            label = "preprocess"
+        after = sink.last_key
+        if after is not None:
+            log(f"{label}: resuming after item {tuple(after)}")
+        total = sum(u.weight for u in units)
+        cfg = WorkerConfig(opts.tokenizer if tok.path is None else tok.path, source, clean, opts.val_fraction)
+        progress = Progress(total, label, opts.progress, opts.log_every)
+        warnings = Warnings(opts.max_warnings)
+        items = iter_items(files, units, source, after=tuple(after) if after else None)
+        results = ordered_results(items, cfg, opts.workers)
+        ok = False
+        try:
+            for res in results:
+                for line, reason, message in res.errors:
+                    if opts.strict:
+                        raise HpcllmError(message.removesuffix(", skipped") + " (--strict)")
+                    warnings.report(reason, message)
+                sink.count(res.dropped)
+                sink.count(Counter(reason for _, reason, _ in res.errors))
+                kept = sink.add(res)
+                sink.commit(res.key)
+                progress.update(kept, int(res.lengths.sum()), res.nbytes)
+            ok = True
+        finally:
+            results.close()
+            progress.close()
+            if not ok:
+                sink.abort()
+        result = sink.finish()
+        progress.summary()
+        return result
+
+
+def _damaged_state(out: str, e: Exception) -> HpcllmError:
+    return HpcllmError(f"{os.path.join(out, WORK, 'state.sqlite')}: damaged resume state ({excerpt(e, 80)}); "
+                       "rerun with --overwrite")
 
 
 def _packer(out: str, fingerprint: str, config: dict, overwrite: bool) -> Packer:
@@ -767,76 +829,91 @@ def _packer(out: str, fingerprint: str, config: dict, overwrite: bool) -> Packer
 def merge_parts(out: str, overwrite: bool = False, progress: bool | None = None, log_every: float = 10.0,
                 batch_docs: int = 4096) -> dict:
     """Write the global dataset from the finished parts of a job array (see module docstring)."""
+    try:
+        return _merge_parts(out, overwrite, progress, log_every, batch_docs)
+    except sqlite3.DatabaseError as e:
+        raise _damaged_state(os.fspath(out), e) from None
+    except OSError as e:
+        if not is_write_failure(e):
+            raise
+        raise HpcllmError(f"{write_error('the merged dataset', e.filename or out, e)}; rerun the merge to resume "
+                          "once there is room") from None
+
+
+def _merge_parts(out: str, overwrite: bool = False, progress: bool | None = None, log_every: float = 10.0,
+                 batch_docs: int = 4096) -> dict:
+    """Write the global dataset from the finished parts of a job array (see module docstring)."""
     root = os.path.join(out, PARTS)
     if not os.path.isdir(root):
         raise HpcllmError(f"{root}: no task parts (run `hpcllm preprocess ... --num-tasks T --task-id I` first)")
-    names = sorted(os.listdir(root))
-    if not names:
-        raise HpcllmError(f"{root}: no task parts")
-    num_tasks = int(names[0].rsplit("-of-", 1)[1])
-    states = []
-    for t in range(num_tasks):
-        sp = os.path.join(part_dir(out, num_tasks, t), "state.json")
-        if not os.path.isfile(sp):
-            raise HpcllmError(f"{sp}: task {t} of {num_tasks} has not run")
-        with open(sp, encoding="utf-8") as f:
-            st = json.load(f)
-        if not st.get("done"):
-            raise HpcllmError(f"{sp}: task {t} of {num_tasks} has not finished (rerun it to resume)")
-        states.append(st)
-    if len({s["fingerprint"] for s in states}) != 1:
-        raise HpcllmError(f"{root}: the task parts were made from different inputs or options")
-    config = states[0]["config"]
-    packer = _packer(out, states[0]["fingerprint"], config, overwrite)
-    if packer.done_manifest is not None:
-        shutil.rmtree(root, ignore_errors=True)
-        return packer.done_manifest
-    dtype = np.dtype(config["dtype"])
-    after = tuple(packer.last_key) if packer.last_key else None
-    if after is not None:
-        log(f"merge: resuming after task {after[0]} batch {after[1]}")
-    prog = Progress(sum(s["tokens"] for s in states) * dtype.itemsize, "merge", progress, log_every)
-    ok = False
-    try:
-        for t, st in enumerate(states):
-            d = part_dir(out, num_tasks, t)
-            tokens = shards_mod.FileArray(os.path.join(d, "tokens.bin"), dtype, st["tokens"])
-            docs_path = os.path.join(d, "docs.bin")
-            n_docs = st["docs"]
-            pos = 0  # token offset of the batch in the part
-            for b in range(max(1, -(-n_docs // batch_docs))):
-                key = (t, b)
-                count = min(batch_docs, n_docs - b * batch_docs)
-                # read the part's doc records a batch at a time: bounded memory
-                sel = np.fromfile(docs_path, dtype=PART_DOC, count=count, offset=b * batch_docs * PART_DOC.itemsize) \
-                    if count > 0 else np.zeros(0, dtype=PART_DOC)
-                batch_tokens = int(sel["length"].sum())
-                if after is not None and key <= after:
-                    pos += batch_tokens
-                    continue
-                if b == 0:
-                    packer.count(st["dropped"])
-                # a batch spans corpora only at a corpus boundary: feed it per corpus run
-                runs = np.flatnonzero(np.diff(sel["corpus"])) + 1 if len(sel) else []
-                bounds = [0, *runs, len(sel)]
-                for a, z in zip(bounds[:-1], bounds[1:]):
-                    part = sel[a:z]
-                    if not len(part):
+    with lock_dir(out):  # one writer: no tasks, no other merge or run meanwhile
+        names = sorted(os.listdir(root))
+        if not names:
+            raise HpcllmError(f"{root}: no task parts")
+        num_tasks = int(names[0].rsplit("-of-", 1)[1])
+        states = []
+        for t in range(num_tasks):
+            sp = os.path.join(part_dir(out, num_tasks, t), "state.json")
+            if not os.path.isfile(sp):
+                raise HpcllmError(f"{sp}: task {t} of {num_tasks} has not run")
+            st = read_state_file(sp, PART_STATE)
+            if not st.get("done"):
+                raise HpcllmError(f"{sp}: task {t} of {num_tasks} has not finished (rerun it to resume)")
+            states.append(st)
+        if len({s["fingerprint"] for s in states}) != 1:
+            raise HpcllmError(f"{root}: the task parts were made from different inputs or options")
+        config = states[0]["config"]
+        packer = _packer(out, states[0]["fingerprint"], config, overwrite)
+        if packer.done_manifest is not None:
+            shutil.rmtree(root, ignore_errors=True)
+            return packer.done_manifest
+        dtype = np.dtype(config["dtype"])
+        after = tuple(packer.last_key) if packer.last_key else None
+        if after is not None:
+            log(f"merge: resuming after task {after[0]} batch {after[1]}")
+        prog = Progress(sum(s["tokens"] for s in states) * dtype.itemsize, "merge", progress, log_every)
+        ok = False
+        try:
+            for t, st in enumerate(states):
+                d = part_dir(out, num_tasks, t)
+                tokens = shards_mod.FileArray(os.path.join(d, "tokens.bin"), dtype, st["tokens"])
+                docs_path = os.path.join(d, "docs.bin")
+                n_docs = st["docs"]
+                pos = 0  # token offset of the batch in the part
+                for b in range(max(1, -(-n_docs // batch_docs))):
+                    key = (t, b)
+                    count = min(batch_docs, n_docs - b * batch_docs)
+                    # read the part's doc records a batch at a time: bounded memory
+                    sel = np.fromfile(docs_path, dtype=PART_DOC, count=count, offset=b * batch_docs * PART_DOC.itemsize) \
+                        if count > 0 else np.zeros(0, dtype=PART_DOC)
+                    batch_tokens = int(sel["length"].sum())
+                    if after is not None and key <= after:
+                        pos += batch_tokens
                         continue
-                    n_tok = int(part["length"].sum())
-                    packer.add(ItemResult(key, int(part["corpus"][0]), part["hash"].tobytes(), part["val"].astype(bool),
-                                          part["length"].astype(np.int64), tokens[pos:pos + n_tok]))
-                    pos += n_tok
-                packer.commit(key)
-                prog.update(len(sel), batch_tokens, batch_tokens * dtype.itemsize)
-        ok = True
-    finally:
-        prog.close()
-        if not ok:
-            packer.abort()
-    m = packer.finish()
-    shutil.rmtree(root, ignore_errors=True)
-    return m
+                    if b == 0:
+                        packer.count(st["dropped"])
+                    # a batch spans corpora only at a corpus boundary: feed it per corpus run
+                    runs = np.flatnonzero(np.diff(sel["corpus"])) + 1 if len(sel) else []
+                    bounds = [0, *runs, len(sel)]
+                    for a, z in zip(bounds[:-1], bounds[1:]):
+                        part = sel[a:z]
+                        if not len(part):
+                            continue
+                        n_tok = int(part["length"].sum())
+                        packer.add(ItemResult(key, int(part["corpus"][0]), part["hash"].tobytes(), part["val"].astype(bool),
+                                              part["length"].astype(np.int64), tokens[pos:pos + n_tok]))
+                        pos += n_tok
+                    packer.commit(key)
+                    prog.update(len(sel), batch_tokens, batch_tokens * dtype.itemsize)
+            ok = True
+        finally:
+            prog.close()
+            if not ok:
+                packer.abort()
+        m = packer.finish()
+        prog.summary()
+        shutil.rmtree(root, ignore_errors=True)
+        return m
 
 
 def iter_clean_texts(inputs: list[str], text_key: str = "text", txt_split: str = "none",
@@ -876,4 +953,5 @@ def train_tokenizer(inputs: list[str], out: str, vocab_size: int, text_key: str 
         yield first
         yield from texts
 
-    return train_bpe(all_texts(), vocab_size, out, min_frequency=min_frequency)
+    with lock_file(out):  # one writer of this file
+        return train_bpe(all_texts(), vocab_size, out, min_frequency=min_frequency)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hpcllm.errors import HpcllmError
+from hpcllm.schema import COUNT, INT, POSITIVE, WEIGHT, MapOf, Nullable, OneOf, Opt, validate
 from hpcllm.fileio import write_json_atomic
 
 FORMAT = "hpcllm-dataset"
@@ -154,7 +155,39 @@ def read_manifest(data_dir: str) -> dict:
         raise HpcllmError(f"{path}: not an {FORMAT} manifest")
     if m.get("version") != VERSION:
         raise HpcllmError(f"{path}: dataset version {m.get('version')} not supported (this hpcllm reads {VERSION})")
+    validate(m, MANIFEST_SCHEMA, path)
+    for split in SPLITS:
+        sp = m["splits"][split]
+        if sp["tokens"] != sum(e["tokens"] for e in sp["shards"]):
+            raise HpcllmError(f"{path}: field 'splits.{split}.tokens' is {sp['tokens']}, but its shards hold "
+                              f"{sum(e['tokens'] for e in sp['shards'])} tokens")
+        names = [c["name"] for c in m["corpora"]]
+        for i, e in enumerate(sp["shards"]):
+            if "corpus" in e and e["corpus"] not in names:
+                raise HpcllmError(f"{path}: field 'splits.{split}.shards[{i}].corpus' is {e['corpus']!r}, which "
+                                  f"'corpora' does not list ({', '.join(map(repr, names)) or 'none'})")
+            if os.path.isabs(e["path"]) or ".." in e["path"].split("/"):
+                raise HpcllmError(f"{path}: field 'splits.{split}.shards[{i}].path' must be a path inside the "
+                                  f"dataset, not {e['path']!r}")
+    tok = m["tokenizer"]
+    if tok["eod_id"] >= tok["vocab_size"]:
+        raise HpcllmError(f"{path}: field 'tokenizer.eod_id' ({tok['eod_id']}) must be below "
+                          f"'tokenizer.vocab_size' ({tok['vocab_size']})")
     return m
+
+
+_SPLIT = {"shards": [{"path": str, "tokens": COUNT, "documents": COUNT, "sha256": str, "corpus": Opt(str)}],
+          "tokens": COUNT, "documents": COUNT}
+#: what a reader of a manifest relies on (see the module doc for the meaning of each field)
+MANIFEST_SCHEMA = {
+    "format": str, "version": INT,
+    "tokenizer": {"type": OneOf(("byte", "bpe")), "vocab_size": POSITIVE, "eod_id": COUNT, "sha256": str,
+                  "file": Opt(Nullable(str))},
+    "corpora": [{"name": str, "weight": WEIGHT}],
+    "created": Opt(str), "command": Opt(str),
+    "splits": {"train": _SPLIT, "val": _SPLIT},
+    "dropped": Opt(MapOf(COUNT)),
+}
 
 
 def write_manifest(data_dir: str, manifest: dict) -> None:

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import HpcllmError, excerpt
 
 #: the end-of-document token of every hpcllm tokenizer
 EOD_TOKEN = "<|endoftext|>"
@@ -68,8 +68,8 @@ class HFTokenizer:
             data = f.read()
         try:
             self._tok = Tokenizer.from_str(data.decode("utf-8"))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise HpcllmError(f"{path}: not a valid tokenizers tokenizer.json ({str(e).splitlines()[0]})") from None
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON, quoting the file
+            raise HpcllmError(f"{path}: not a valid tokenizers tokenizer.json ({excerpt(e)})") from None
         self.path = os.path.abspath(path)
         self.sha256 = hashlib.sha256(data).hexdigest()
         eod = self._tok.token_to_id(EOD_TOKEN)
@@ -218,7 +218,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: str, min_frequency: in
     )
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, out)
     return HFTokenizer(out)

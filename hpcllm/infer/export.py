@@ -62,7 +62,10 @@ def export_checkpoint(path, out) -> tuple[Path, Path, int]:
     returns (checkpoint used, file written, stages merged)."""
     from hpcllm.infer.generate import save_export
 
+    from hpcllm.locking import lock_file
+
     d = find_checkpoint(path)
     stages = check_checkpoint(d)
-    written = save_export(d, out)
+    with lock_file(out):  # one writer of this file
+        written = save_export(d, out)
     return d, written, stages

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import HpcllmError, excerpt
+from hpcllm.schema import COUNT, Nullable, Opt
 
 #: the ``format`` field of an exported single-file model
 EXPORT_FORMAT = "hpcllm-model"
@@ -100,19 +101,17 @@ def _is_checkpoint_dir(d: Path) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HpcllmError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise HpcllmError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    """A checkpoint's JSON file; generation needs only some of its fields (checked where used)."""
+    from hpcllm.train.checkpoint import load_json
+
+    return load_json(path, schema={"step": Opt(Nullable(COUNT)), "tokenizer_sha256": Opt(Nullable(str))}
+                     if path.name == "trainer.json" else dict)
 
 
 def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise HpcllmError(f"{path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    from hpcllm.train.checkpoint import load_torch
+
+    return load_torch(path)
 
 
 def _model_config_of(config: dict, where: Path, vocab_size: int | None = None) -> dict:
@@ -231,14 +230,24 @@ def _load_checkpoint_tokenizer(ckpt: Path, config: dict, trainer: dict) -> Any:
 def _build_model(model_config: dict, state: dict, where: Path) -> torch.nn.Module:
     from hpcllm.model.gpt import GPT, GPTConfig
 
+    from hpcllm.schema import validate
+    from hpcllm.train.checkpoint import CONFIG_SCHEMA
+
+    validate(model_config, CONFIG_SCHEMA["model"], str(where), "model")
     try:
         cfg = GPTConfig(**model_config)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise HpcllmError(f"{where}: model configuration does not match this hpcllm version: {e}") from None
-    model = GPT(cfg)
+    # the shapes first, on the meta device (no memory): a damaged config cannot allocate
+    with torch.device("meta"):
+        ref = GPT(cfg, init_seed=None).state_dict()
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(ref[k].shape)}" for k, v in state.items()
+             if k in ref and torch.is_tensor(v) and v.shape != ref[k].shape]
+    if wrong:
+        raise HpcllmError(f"{where}: weights do not fit the model configuration ({'; '.join(wrong[:2])})")
+    model = GPT(cfg)
     # training may have saved bf16/fp16 tensors; sampling runs in the model's own dtype
-    ref = model.state_dict()
     state = {k: (v.to(ref[k].dtype) if k in ref and torch.is_tensor(v) else v) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the tied head may be stored only once under either name
@@ -356,10 +365,26 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
     return ids[start:] if prompt_ids else ids[1:]
 
 
+def valid_prompt(prompt: str) -> tuple[str, str | None]:
+    """The prompt as valid Unicode, and a note when it was not: bytes that are not UTF-8 (a
+    shell passes them through as lone surrogates) become U+FFFD, the replacement character,
+    as the tokenizers decode invalid bytes."""
+    try:
+        prompt.encode("utf-8")
+        return prompt, None
+    except UnicodeEncodeError as e:
+        raw = prompt.encode("utf-8", "surrogateescape")
+        bad = raw[e.start:e.start + 1].hex() if e.start < len(raw) else "?"
+        fixed = raw.decode("utf-8", "replace")
+        n = fixed.count("\ufffd") - prompt.count("\ufffd")
+        return fixed, (f"--prompt is not valid UTF-8 (byte 0x{bad} at character {e.start}); "
+                       f"{n} invalid byte{'s' if n != 1 else ''} replaced with U+FFFD")
+
+
 def generate_text(loaded: LoadedModel, prompt: str, sample: SampleConfig) -> str:
     """The completion of ``prompt`` (without the prompt), decoded; the EOD token is dropped."""
     tok = loaded.tokenizer
-    new = generate_ids(loaded.model, tok.encode(prompt), sample, seq_len=loaded.seq_len,
+    new = generate_ids(loaded.model, tok.encode(valid_prompt(prompt)[0]), sample, seq_len=loaded.seq_len,
                        vocab_size=tok.vocab_size, eod_id=tok.eod_id)
     if new and sample.stop_at_eod and new[-1] == tok.eod_id:
         new = new[:-1]
@@ -405,7 +430,15 @@ def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write :func:`export_payload` to ``out`` atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(export_payload(checkpoint), tmp)
-    os.replace(tmp, out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    payload = export_payload(checkpoint)
+    from hpcllm.fileio import write_error
+    from hpcllm.train.checkpoint import save_torch
+
+    try:
+        save_torch(payload, tmp)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_error("the exported model", out, e) from None
     return out

@@ -90,9 +90,23 @@ def constraint(value: str) -> str:
 
 
 def time_limit(value: str) -> str:
+    """A Slurm time limit (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, UNLIMITED)
+    whose fields are in range (25:99:99 is not a time)."""
     value = str(value)
     if not _TIME.fullmatch(value):
         raise HpcllmError(f"--time: expected MINUTES, HH:MM:SS or D-HH[:MM[:SS]], got {value!r}")
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return value
+    days, _, clock = value.rpartition("-")
+    fields = [int(x) for x in clock.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        limits = [("hours", 24), ("minutes", 60), ("seconds", 60)]
+    else:  # MINUTES, MM:SS, HH:MM:SS
+        limits = {1: [("minutes", None)], 2: [("minutes", None), ("seconds", 60)],
+                  3: [("hours", None), ("minutes", 60), ("seconds", 60)]}[len(fields)]
+    for v, (what, lim) in zip(fields, limits):
+        if lim is not None and v >= lim:
+            raise HpcllmError(f"--time {value}: {what} must be < {lim}")
     return value
 
 

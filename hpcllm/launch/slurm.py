@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -89,8 +90,8 @@ class TrainJob:
     requeue: bool = True
     #: extra environment for this job (on top of the profile's)
     env: dict = field(default_factory=dict)
-    #: how to run hpcllm on the compute nodes
-    hpcllm_cmd: list = field(default_factory=lambda: ["hpcllm"])
+    #: how to run hpcllm on the compute nodes (None: see :func:`hpcllm_command`)
+    hpcllm_cmd: list | None = None
     #: check that --data exists (off in a chain, where preprocessing makes it)
     check_data: bool = True
 
@@ -107,7 +108,20 @@ class PreprocessJob:
     #: at most this many tasks run at once (--array=...%MAX); None: no limit
     max_parallel: int | None = None
     env: dict = field(default_factory=dict)
-    hpcllm_cmd: list = field(default_factory=lambda: ["hpcllm"])
+    hpcllm_cmd: list | None = None
+
+
+def hpcllm_command(cmd: list | None, profile) -> list[str]:
+    """How a job runs hpcllm: ``cmd`` when given; ``hpcllm`` from the job's PATH when the
+    cluster profile sets the environment up (a venv, modules or setup lines); otherwise the
+    installation that wrote the script, by the absolute path of its interpreter
+    (``/path/to/venv/bin/python -m hpcllm``), so a script written from a virtualenv that the
+    job does not activate still runs it on every node."""
+    if cmd:
+        return [str(c) for c in cmd]
+    if profile.venv or profile.modules or profile.setup:
+        return ["hpcllm"]
+    return [os.path.abspath(sys.executable), "-m", "hpcllm"]
 
 
 @dataclass
@@ -364,7 +378,7 @@ def render_train(job: TrainJob, profile: Profile) -> str:
         if job.requeue else []
     lines = sbatch_lines(sb, profile, extra)
     env = _env_pairs(profile.env, hvd_env, job.env)
-    command = [*map(str, job.hpcllm_cmd), "train", *args]
+    command = [*hpcllm_command(job.hpcllm_cmd, profile), "train", *args]
     ctx = _common_context(profile, lines, env, launcher_line(launcher, profile, command, sb.cpus_per_task))
     ctx.update(launcher=launcher, requeue=job.requeue, max_requeues=int(job.max_requeues),
                cpus_per_task=sb.cpus_per_task, kind="train")
@@ -440,7 +454,7 @@ def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool =
     merge_sb = replace(sb, job_name=f"{name}-merge", output=sb.output or "%x-%j.out",
                        dependency=None, time=sb.time)
     env = _env_pairs(profile.env, job.env)
-    hp = [*map(str, job.hpcllm_cmd)]
+    hp = hpcllm_command(job.hpcllm_cmd, profile)
     array_cmd = (Q.qjoin([*hp, "preprocess", *args, "--num-tasks", str(tasks)])
                  + ' --task-id "$SLURM_ARRAY_TASK_ID"')
     merge_cmd = Q.qjoin([*hp, "preprocess", "merge", out])

@@ -47,15 +47,22 @@ class GPTConfig:
     """The preset this shape came from (informational)."""
 
     def __post_init__(self):
+        for f in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an integer >= 1, not {v!r}")
+        for f in ("ln_eps", "rope_base"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{f} must be a finite number > 0, not {v!r}")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"bias must be true or false, not {self.bias!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.pos_emb not in ("learned", "rope"):
             raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
         if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError("rotary positions need an even head dimension")
-        for f in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"{f} must be >= 1")
 
     @property
     def head_dim(self) -> int:

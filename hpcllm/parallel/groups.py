@@ -100,10 +100,13 @@ class ParallelGroups:
             wait_request(self.world.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
         return buf
 
-    def allgather(self, obj, what: str = "an allgather") -> list:
-        """Every rank's ``obj`` (picklable), in rank order."""
+    def allgather(self, obj, what: str | None = "an allgather") -> list:
+        """Every rank's ``obj`` (picklable), in rank order; ``what`` None: not watched (ranks
+        wait here while others write checkpoint files)."""
         if self.world is None:
             return [obj]
+        if what is None:
+            return self.world.allgather(obj)
         with self.waiting(what):
             return self.world.allgather(obj)
 
@@ -112,6 +115,19 @@ class ParallelGroups:
             return obj
         with self.waiting(what):
             return self.world.bcast(obj, root=root)
+
+    def on_root(self, fn, what: str = "rank 0's work"):
+        """Run ``fn`` on rank 0 only; an HpcllmError there is raised on every rank (the others
+        would otherwise wait for rank 0 in the next collective)."""
+        err = None
+        if self.is_root:
+            try:
+                fn()
+            except HpcllmError as e:
+                err = str(e)
+        err = self.bcast(err, what=what)
+        if err:
+            raise HpcllmError(err)
 
     def barrier(self) -> None:
         """Not watched: ranks wait here while rank 0 writes checkpoint files."""

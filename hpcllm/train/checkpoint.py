@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -40,7 +41,9 @@ from typing import Any, Callable
 
 import torch
 
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import HpcllmError, excerpt
+from hpcllm.fileio import write_error
+from hpcllm.schema import COUNT, INT, POSITIVE, MapOf, Nullable, Opt, validate
 
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
@@ -139,47 +142,108 @@ def clean_stale(run_dir) -> None:
 # --------------------------------------------------------------------------- writing
 
 
-def _save_torch(obj, path: Path) -> None:
-    torch.save(obj, path)
+class _WriteRecorder:
+    """A file for ``torch.save`` that keeps the OSError of a failed write: torch reports it as a
+    RuntimeError without the errno ('unexpected pos ...'), which says nothing of a full disk."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_torch(obj, path) -> None:
+    """``torch.save`` to ``path``; a failed write raises its OSError (ENOSPC, EDQUOT, EFBIG...)."""
+    with open(path, "wb") as f:
+        w = _WriteRecorder(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
+
+
+_save_torch = save_torch
 
 
 def _save_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def save(run_dir, step: int, files: dict[str, Any], *, is_root: bool, barrier: Callable[[], None],
-         keep: int) -> Path:
+def save(run_dir, step: int, files: dict[str, Any], *, is_root: bool, barrier: Callable[[], None] | None = None,
+         keep: int, gather: Callable[[Any], list] | None = None) -> Path:
     """Write one checkpoint collectively; returns its final directory.
 
     ``files`` maps file names to objects this rank writes: bytes verbatim, ``*.json`` as
     JSON, anything else with ``torch.save``. Rank 0 must include ``trainer.json`` (written last, as the
-    directory's completeness mark) and ``config.json``.
+    directory's completeness mark) and ``config.json``. ``gather(x)`` returns every rank's ``x``
+    (an allgather; None: a single process); the ranks exchange their write errors at each
+    synchronisation point, so a full disk on any rank is the same one-line error on every rank,
+    the half-written ``step-….tmp`` is removed and the previous checkpoint stays the latest.
     """
+    if gather is None:
+        def gather(x):
+            if barrier is not None:
+                barrier()
+            return [x]
     root = ckpt_root(run_dir)
     final = root / step_dir_name(step)
     tmp = root / (final.name + ".tmp")
+    what = f"the checkpoint of step {step}"
+    err = None
     if is_root:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            err = str(write_error(what, tmp, e))
+    _raise_first(gather(err), tmp, is_root, run_dir)
     sleep = _test_sleep(step)
     names = sorted(files, key=lambda n: (n == "trainer.json", not n.startswith("model"), n))
     for i, name in enumerate(names):
         obj = files[name]
-        if isinstance(obj, bytes):  # a file copied verbatim (the tokenizer)
-            (tmp / name).write_bytes(obj)
-        else:
-            (_save_json if name.endswith(".json") else _save_torch)(obj, tmp / name)
+        try:
+            if isinstance(obj, bytes):  # a file copied verbatim (the tokenizer)
+                (tmp / name).write_bytes(obj)
+            else:
+                (_save_json if name.endswith(".json") else _save_torch)(obj, tmp / name)
+        except OSError as e:
+            err = str(write_error(what, tmp / name, e))
+            break
         if i == 0 and sleep > 0:
             time.sleep(sleep)
-    barrier()
+    _raise_first(gather(err), tmp, is_root, run_dir)
     if is_root:
-        _publish(root, tmp, final)
-        prune(run_dir, keep)
-    barrier()
+        try:
+            _publish(root, tmp, final)
+            prune(run_dir, keep)
+        except OSError as e:
+            err = str(write_error(what, root / LATEST, e))
+    _raise_first(gather(err), tmp, is_root, run_dir)
     return final
+
+
+def _raise_first(errors: list, tmp: Path, is_root: bool, run_dir) -> None:
+    """Every rank raises the first rank's write error (rank 0 removes the half-written directory)."""
+    first = next((e for e in errors if e), None)
+    if first is None:
+        return
+    if is_root:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prev = latest_checkpoint(run_dir)
+    raise HpcllmError(f"{first}; the checkpoint is not written, the latest stays "
+                      f"{prev.name if prev is not None else 'none'}")
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -231,17 +295,45 @@ def load_torch(path: Path, map_location="cpu", mmap: bool = False) -> Any:
     except FileNotFoundError:
         raise HpcllmError(f"{path}: missing from the checkpoint") from None
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise HpcllmError(f"{path}: cannot load ({type(e).__name__}: {first})") from None
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+            # torch's own advice here (load with weights_only=False) would run the file's code
+            raise HpcllmError(f"{path}: not an hpcllm checkpoint or model file: it holds Python objects "
+                              "beyond tensors, which hpcllm never loads (unsafe)") from None
+        raise HpcllmError(f"{path}: cannot load, truncated or not a PyTorch file ({type(e).__name__}: "
+                          f"{excerpt(e)})") from None
 
 
-def load_json(path: Path) -> dict:
+def load_json(path: Path, schema=None) -> dict:
+    """A JSON file of the checkpoint, checked against ``schema`` (default: by its name,
+    :data:`TRAINER_SCHEMA` or :data:`CONFIG_SCHEMA`)."""
+    path = Path(path)
     try:
-        return json.loads(Path(path).read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HpcllmError(f"{path}: missing from the checkpoint") from None
     except json.JSONDecodeError as e:
         raise HpcllmError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HpcllmError(f"{path}: unreadable ({excerpt(e)})") from None
+    schema = schema if schema is not None else _SCHEMAS.get(path.name, dict)
+    validate(obj, schema, str(path))
+    return obj
+
+
+_LOADER = {"slot": COUNT, "seed": INT, "seq_len": POSITIVE, "consumed": Opt(MapOf(COUNT))}
+#: what resuming relies on in trainer.json (versions 1 and 2)
+TRAINER_SCHEMA = {
+    "format": Opt(str), "version": Opt(POSITIVE), "step": COUNT, "loader": Nullable(_LOADER), "lr_schedule": Opt(dict), "loss_scaler": Opt(Nullable(dict)),
+    "tokenizer_sha256": Opt(Nullable(str)), "world_size": Opt(POSITIVE), "global_batch": Opt(Nullable(POSITIVE)),
+    "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "bounds": Opt(Nullable([[COUNT]]))}),
+    "pipeline": Opt(Nullable({"stages": POSITIVE, "bounds": [[COUNT]]})),
+}
+#: what finding a checkpoint's tensors relies on in trainer.json (generation and export too)
+LAYOUT_SCHEMA = {k: (v if isinstance(v, Opt) else Opt(v)) for k, v in TRAINER_SCHEMA.items()}
+#: what loading a model relies on in config.json
+CONFIG_SCHEMA = {"model": {"n_layer": POSITIVE, "n_head": POSITIVE, "d_model": POSITIVE, "seq_len": POSITIVE,
+                           "vocab_size": POSITIVE}}
+_SCHEMAS = {"trainer.json": LAYOUT_SCHEMA, "config.json": CONFIG_SCHEMA}
 
 
 # --------------------------------------------------------------------------- RNG state
@@ -332,7 +424,10 @@ class CheckpointReader:
     def __init__(self, d):
         self.dir = Path(d)
         self.trainer = load_json(self.dir / "trainer.json") if (self.dir / "trainer.json").is_file() else {}
-        self.version = int(self.trainer.get("version", 1)) if self.trainer.get("format") == FORMAT else 1
+        self.version = self.trainer.get("version", 1) if self.trainer.get("format") == FORMAT else 1
+        if self.version > VERSION:
+            raise HpcllmError(f"{self.dir / 'trainer.json'}: checkpoint format version {self.version}; this hpcllm "
+                              f"reads versions 1 to {VERSION} (a newer hpcllm wrote it)")
         self._keys: dict[str, set] | None = None
 
     # ---- which files

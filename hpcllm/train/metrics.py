@@ -182,8 +182,19 @@ class MetricsLogger:
     def write(self, rec: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(_finite(rec)) + "\n")
+        line = json.dumps(_finite(rec)) + "\n"
+        try:
+            with open(self.path, "a") as f:
+                f.write(line)
+        except OSError as e:
+            # a full disk must not end a run for its log: say so once, keep training (the
+            # checkpoints, which do matter, fail with their own error)
+            if not getattr(self, "_write_warned", False):
+                from hpcllm.fileio import free_space
+
+                print(f"warning: {self.path}: cannot append metrics ({e.strerror or e}; {free_space(self.path)}); "
+                      "training goes on without them", flush=True)
+                self._write_warned = True
 
     def console_line(self, rec: dict) -> str:
         parts = [f"step {rec['step']:>{len(str(self.total_steps))}}/{self.total_steps}"]

@@ -4,6 +4,7 @@ fails fast with one line on every rank alike), the device, the precision, the op
 partition of a pipeline, and the run directory."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ import torch
 
 from hpcllm.config import TrainConfig, resolve_model
 from hpcllm.errors import HpcllmError
-from hpcllm.fileio import write_json_atomic
+from hpcllm.fileio import write_error, write_json_atomic
+from hpcllm.schema import validate
 from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import truncate_metrics
 
@@ -70,6 +72,7 @@ def prepare(cfg: TrainConfig) -> Plan:
     if resume_dir is not None:
         reader = ckpt.CheckpointReader(resume_dir)
         tstate = reader.trainer
+        validate(tstate, ckpt.TRAINER_SCHEMA, str(resume_dir / "trainer.json"))
         check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
     return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0, reader)
 
@@ -172,10 +175,13 @@ def trainer_state(step: int, loader, schedule, scaler, info, groups, global_batc
 def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
     """Rank 0 only: create RUN_DIR, drop stale checkpoint temp dirs, write the effective
     config, and cut metrics.jsonl back to ``start_step`` (a resumed run reads as one run)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.clean_stale(run_dir)
-    write_json_atomic(run_dir / "config.json", config_json)
-    truncate_metrics(run_dir, start_step)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(run_dir)
+        write_json_atomic(run_dir / "config.json", config_json)
+        truncate_metrics(run_dir, start_step)
+    except OSError as e:
+        raise write_error("the run directory", e.filename or run_dir, e) from None
 
 
 def restore(plan: Plan, module, optimizer, loader, scaler, groups, device) -> None:
@@ -250,3 +256,26 @@ def _ranges(ranks: list[int]) -> str:
             out.append(f"{start}-{r}" if r > start else f"{r}")
             start = None
     return ", ".join(out)
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir, groups):
+    """Rank 0 holds the run directory's lock for the whole run (a second job writing the same
+    --out would interleave checkpoints and metrics); every rank raises the same one-line
+    error when it is taken."""
+    from hpcllm.locking import lock_dir
+
+    lock, err = None, None
+    if groups.is_root:
+        try:
+            lock = lock_dir(run_dir).acquire()
+        except HpcllmError as e:
+            err = str(e)
+    err = groups.bcast(err, what="the run directory lock")
+    if err:
+        raise HpcllmError(err)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()

@@ -36,9 +36,9 @@ from hpcllm.train import checkpoint as ckpt
 from hpcllm.train.metrics import MetricsLogger
 from hpcllm.train.precision import LossScaler, autocast, clip_, probe_shape, resolve_precision
 from hpcllm.train.schedule import LRSchedule
-from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, choose_partition, device_peak, log,
-                                microbatches, prepare, prepare_run_dir, restore, setup_device, tokenizer_file,
-                                trainer_state)
+from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, choose_partition, device_peak,
+                                lock_run_dir, log, microbatches, prepare, prepare_run_dir, restore, setup_device,
+                                tokenizer_file, trainer_state)
 
 __all__ = ["Agreed", "agree", "build_optimizer", "train"]
 from hpcllm.train.stop import StopRequest
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> int:
 
         groups = init_groups(cfg.parallel)
         try:
-            with abort_on_exception(groups):
+            with abort_on_exception(groups), lock_run_dir(cfg.out, groups):
                 return _train(cfg, groups, plan, stop)
         finally:
             groups.close()
@@ -174,8 +174,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
                "horovod": groups.hvd is not None},
         horovod_env={k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
         mpi_env={k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")}, **extra)
-    if groups.is_root:  # rank 0 alone writes the run directory's shared files
-        prepare_run_dir(run_dir, config_json, start_step)
+    # rank 0 alone writes the run directory's shared files; a failure is every rank's error
+    groups.on_root(lambda: prepare_run_dir(run_dir, config_json, start_step), what="the run directory")
     log(groups, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
@@ -212,7 +212,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             files["trainer.json"] = trainer_state(step, loader, schedule, scaler, info, groups, global_batch, layout)
             if tok_file is not None:
                 files["tokenizer.json"] = tok_file.read_bytes()
-        path = ckpt.save(run_dir, step, files, is_root=groups.is_root, barrier=groups.barrier, keep=c.keep)
+        path = ckpt.save(run_dir, step, files, is_root=groups.is_root, keep=c.keep,
+                         gather=lambda x: groups.allgather(x, what=None))
         log(groups, f"checkpoint {path}")
         return path
 

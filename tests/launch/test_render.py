@@ -1,6 +1,7 @@
 """Script generation without Slurm: #SBATCH mapping, profiles, pass-through, quoting, checks."""
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -181,8 +182,10 @@ def test_preprocess_array_and_merge(corpus, tmp_path):
     d = sbatch_directives(array)
     assert d["--array"] == "0-3%2" and d["--output"] == "%x-%A_%a.out" and d["--cpus-per-task"] == "2"
     cmd = next(l for l in array.splitlines() if " preprocess " in l and not l.startswith(("#", "echo")))
-    assert shlex.split(cmd) == ["hpcllm", "preprocess", str(corpus / "*.jsonl"), "--out", "ds out",
-                                "--item-bytes", "4096", "--num-tasks", "4", "--task-id", "$SLURM_ARRAY_TASK_ID"]
+    # the installation that rendered it (the default profile sets up no environment)
+    assert shlex.split(cmd) == [sys.executable, "-m", "hpcllm", "preprocess", str(corpus / "*.jsonl"), "--out",
+                                "ds out", "--item-bytes", "4096", "--num-tasks", "4", "--task-id",
+                                "$SLURM_ARRAY_TASK_ID"]
     assert 'preprocess merge \'ds out\'' in merge and "--array" not in merge
     for t in (array, merge):
         bash_syntax_ok(t, tmp_path)

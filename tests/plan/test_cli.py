@@ -161,7 +161,7 @@ def test_user_defined_device_profile(tmp_path, plan_json):
     (["--params", "1B", "--devices-per-node", "0"], "--devices-per-node"),
     (["--params", "1B", "--global-batch", "0"], "--global-batch"),
     (["--params", "1B", "--nodes", "0"], "--nodes"),
-    (["--params", "1B", "--tokens-per-param", "-2"], "tokens per parameter"),
+    (["--params", "1B", "--tokens-per-param", "-2"], "--tokens-per-param -2: must be > 0"),
 ])
 def test_bad_input_is_one_line_error(args, words, hpcllm):
     r = hpcllm("plan", *args)

@@ -8,7 +8,7 @@ next stage and activation gradients to the previous one through :class:`Channel`
 preallocated buffers; sends are non-blocking and receives pre-posted, so transfers overlap
 compute.  It knows nothing about optimizers, data parallelism or checkpoints; the one hook
 for them is ``step(last_backward=...)``, a context wrapped around the stage's last backward
-of the step, the pass after which every parameter gradient is final (the pipeline trainer
+of the step, the pass after which every parameter gradient is final (the training loop's GradSync
 arms per-parameter gradient hooks in it to start the data-parallel allreduce early).  Under
 a zero-bubble schedule, whose ``bwd`` passes leave the linear layers' weight gradients to
 later ``wgt`` passes (:mod:`hpcllm.parallel.pipeline.deferred`), the context wraps both the
