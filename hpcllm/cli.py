@@ -71,8 +71,21 @@ def main(argv=None):
     """Entry point of the console script: HpcllmError becomes one line on stderr, status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    # bytes that are not UTF-8 in arguments (paths from a shell) print back as they came
+    if hasattr(sys.stdout, "reconfigure"):
+        try:
+            sys.stdout.reconfigure(errors="surrogateescape")
+        except (ValueError, OSError):
+            pass
     try:
         return cli.main(args=argv, prog_name="hpcllm", standalone_mode=False) or 0
+    except OSError as e:  # a full disk or quota wherever it strikes: one line, not a traceback
+        from hpcllm.fileio import is_write_failure, write_error
+
+        if debug or not is_write_failure(e):
+            raise
+        click.echo(f"error: {write_error('the output', e.filename or '.', e)}", err=True)
+        sys.exit(exitcodes.USAGE)
     except HpcllmError as e:
         if debug:
             raise

@@ -169,6 +169,14 @@ def test_export_file_and_tokenizer_json(world, tmp_path):
     for label, blob in byte_mutations(world["export"].read_bytes()):
         f.write_bytes(blob)
         expect_clean(lambda: load_model(f), label, str(f))
+    # a well-formed PyTorch file holding a payload of the wrong structure
+    payload = torch.load(world["export"], weights_only=True)
+    small = {k: v for k, v in payload.items() if k != "model"}
+    small["model"] = dict(list(payload["model"].items())[:2])
+    for label, doc in list(json_mutations(small))[:120]:
+        doc = {**doc, "model": {**payload["model"], **doc["model"]}} if isinstance(doc.get("model"), dict) else doc
+        torch.save(doc, f)
+        expect_clean(lambda: load_model(f), label, str(f))
     tok = train_bpe(iter(["the cluster trains the model"] * 50), 300, str(tmp_path / "tok.json"), min_frequency=1)
     text = Path(tok.path).read_bytes()
     t = tmp_path / "t.json"

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hpcllm.errors import HpcllmError, excerpt
-from hpcllm.schema import COUNT, Nullable, Opt
+from hpcllm.schema import COUNT, Nullable, Opt, validate
 
 #: the ``format`` field of an exported single-file model
 EXPORT_FORMAT = "hpcllm-model"
@@ -268,6 +268,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         payload = _torch_load(src)
         if not isinstance(payload, dict) or payload.get("format") not in (EXPORT_FORMAT, None) or "model" not in payload:
             raise HpcllmError(f"{src}: not an hpcllm exported model (no 'model'/'config' entries)")
+        validate(payload, EXPORT_SCHEMA, str(src))
+        _check_tensors(payload["model"], src, "model")
         model_config = dict(payload["config"])
         tinfo = payload.get("tokenizer") or {"type": "byte"}
         if tinfo.get("type") == "byte" or not tinfo.get("json"):
@@ -363,6 +365,17 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
     finally:
         model.train(was_training)
     return ids[start:] if prompt_ids else ids[1:]
+
+
+#: what loading an exported file relies on
+EXPORT_SCHEMA = {"config": dict, "model": dict, "step": Opt(Nullable(COUNT)),
+                 "tokenizer": Opt(Nullable({"type": Opt(str), "json": Opt(Nullable(str)), "sha256": Opt(Nullable(str))}))}
+
+
+def _check_tensors(d: dict, where, field: str) -> None:
+    bad = next((k for k, v in d.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise HpcllmError(f"{where}: field '{field}.{bad}' must be a tensor")
 
 
 def valid_prompt(prompt: str) -> tuple[str, str | None]:

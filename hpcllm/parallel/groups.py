@@ -268,11 +268,17 @@ def abort_on_exception(g: ParallelGroups, expected=(HpcllmError,)):
         raise
     except (SystemExit, KeyboardInterrupt):
         raise
-    except BaseException:
+    except BaseException as e:
         if g.size > 1:
-            import traceback
+            from hpcllm.fileio import is_write_failure, write_error
 
-            traceback.print_exc()
+            if isinstance(e, OSError) and is_write_failure(e):  # a full disk: one line, then end the job
+                print(f"error: rank {g.rank}: {write_error('the output', e.filename or '.', e)}", file=sys.stderr,
+                      flush=True)
+            else:
+                import traceback
+
+                traceback.print_exc()
             print(f"hpcllm: rank {g.rank} failed; aborting all {g.size} ranks", file=sys.stderr, flush=True)
             g.abort(1)
         raise

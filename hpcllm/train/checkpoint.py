@@ -43,7 +43,7 @@ import torch
 
 from hpcllm.errors import HpcllmError, excerpt
 from hpcllm.fileio import write_error
-from hpcllm.schema import COUNT, INT, POSITIVE, MapOf, Nullable, Opt, validate
+from hpcllm.schema import COUNT, INT, NUMBER, POSITIVE, MapOf, Nullable, Opt, validate
 
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
@@ -321,9 +321,10 @@ def load_json(path: Path, schema=None) -> dict:
 
 
 _LOADER = {"slot": COUNT, "seed": INT, "seq_len": POSITIVE, "consumed": Opt(MapOf(COUNT))}
+_SCALER = {"enabled": Opt(bool), "scale": Opt(NUMBER), "good_steps": Opt(COUNT), "skipped": Opt(COUNT)}
 #: what resuming relies on in trainer.json (versions 1 and 2)
 TRAINER_SCHEMA = {
-    "format": Opt(str), "version": Opt(POSITIVE), "step": COUNT, "loader": Nullable(_LOADER), "lr_schedule": Opt(dict), "loss_scaler": Opt(Nullable(dict)),
+    "format": Opt(str), "version": Opt(POSITIVE), "step": COUNT, "loader": Nullable(_LOADER), "lr_schedule": Opt(dict), "loss_scaler": Opt(Nullable(_SCALER)),
     "tokenizer_sha256": Opt(Nullable(str)), "world_size": Opt(POSITIVE), "global_batch": Opt(Nullable(POSITIVE)),
     "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "bounds": Opt(Nullable([[COUNT]]))}),
     "pipeline": Opt(Nullable({"stages": POSITIVE, "bounds": [[COUNT]]})),
@@ -392,8 +393,16 @@ def named_optim_state(optimizer, named_params, exclude=()) -> dict:
 def load_named_optim_state(optimizer, named_params, state: dict, device) -> None:
     """Give each of ``optimizer``'s parameters its state from ``state`` (name -> AdamW state);
     the hyperparameters stay this run's (the LR schedule sets ``lr`` every step)."""
+    named_params = list(named_params)
     names = {id(p): n for n, p in named_params}
+    shapes = {n: p.shape for n, p in named_params}
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    for n in order:  # a damaged or foreign state would fail much later, inside optimizer.step()
+        for k, v in (state.get(n) or {}).items():
+            if k in ("exp_avg", "exp_avg_sq") and (not torch.is_tensor(v) or v.shape != shapes[n]):
+                raise HpcllmError(f"optimizer state of {n}: {k} has shape "
+                                  f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}, the parameter "
+                                  f"{tuple(shapes[n])} (a damaged or foreign checkpoint)")
     sd = optimizer.state_dict()
     sd["state"] = {i: state[n] for i, n in enumerate(order) if n in state}
     optimizer.load_state_dict(sd)
@@ -467,7 +476,11 @@ class CheckpointReader:
             if not pairs:
                 raise HpcllmError(f"{self.dir}: no model files (model-*.pt) in the checkpoint")
             for f, _ in pairs:
-                self._keys[str(f)] = set(load_torch(f, mmap=True))
+                part = load_torch(f, mmap=True)
+                if not isinstance(part, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
+                                                         for k, v in part.items()):
+                    raise HpcllmError(f"{f}: not a model file of a checkpoint (expected parameter name -> tensor)")
+                self._keys[str(f)] = set(part)
         return self._keys
 
     def names(self) -> set[str]:
@@ -508,5 +521,6 @@ class CheckpointReader:
             named = load_torch(of)
             if not isinstance(named, dict) or named.get("format") != OPTIM_FORMAT:
                 raise HpcllmError(f"{of}: not an hpcllm optimizer state file (format {OPTIM_FORMAT})")
+            validate(named, {"state": MapOf(dict)}, str(of))
             out.update({k: v for k, v in named["state"].items() if k in want and k not in out})
         return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hpcllm.config import TrainConfig, resolve_model
-from hpcllm.errors import HpcllmError
+from hpcllm.errors import HpcllmError, excerpt
 from hpcllm.fileio import write_error, write_json_atomic
 from hpcllm.schema import validate
 from hpcllm.train import checkpoint as ckpt
@@ -197,7 +197,10 @@ def restore(plan: Plan, module, optimizer, loader, scaler, groups, device) -> No
     scaler.load_state_dict(tstate.get("loss_scaler") or {})
     rng = plan.resume_dir / f"rng-rank{groups.rank}.pt"
     if rng.is_file():
-        ckpt.set_rng_state(ckpt.load_torch(rng))
+        try:
+            ckpt.set_rng_state(ckpt.load_torch(rng))
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise HpcllmError(f"{rng}: not a random-number state hpcllm wrote ({excerpt(e, 80)})") from None
 
 
 def device_peak(device, precision: str, micro_batch: int, gpt_cfg, override: float | None) -> float:
@@ -213,27 +216,38 @@ def device_peak(device, precision: str, micro_batch: int, gpt_cfg, override: flo
     return device_peak_tflops(device, precision, torch.get_num_threads(), override, speedup) * 1e12
 
 
-def _file_sha256(path: Path) -> str | None:
+def _identity(path: Path, others=()) -> str | None:
+    """sha256 of ``path``'s bytes and of the sizes of ``others`` (shards, tensor files): a stale
+    or partial copy differs in one of them; None when ``path`` is unreadable."""
     import hashlib
 
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        h = hashlib.sha256(Path(path).read_bytes())
     except OSError:
         return None
+    for f in others:
+        try:
+            size = os.stat(f).st_size
+        except OSError:
+            size = -1
+        h.update(f"{Path(f).name}:{size};".encode())
+    return h.hexdigest()
 
 
 def check_ranks_agree(groups, plan: Plan) -> None:
     """Every rank must read the same dataset and the same checkpoint: a node with a stale copy
     at the same path would otherwise train silently on other data. One allgather of the
-    manifest's (and trainer.json's) sha256; on a mismatch every rank raises the same one-line
-    error naming the ranks that differ."""
+    manifest's sha256 with its shards' sizes (and trainer.json's with the tensor files'); on a
+    mismatch every rank raises the same one-line error naming the ranks that differ."""
     if groups.size == 1:
         return
-    manifest = Path(plan.info.data_dir) / "manifest.json"
-    mine = [("dataset", str(manifest), _file_sha256(manifest))]
+    data = Path(plan.info.data_dir)
+    manifest = data / "manifest.json"
+    shards = [e["path"] for sp in plan.info.manifest["splits"].values() for e in sp["shards"]]
+    mine = [("dataset", str(manifest), _identity(manifest, [data / s for s in shards]))]
     if plan.resume_dir is not None:
         t = plan.resume_dir / "trainer.json"
-        mine.append(("checkpoint", str(t), _file_sha256(t)))
+        mine.append(("checkpoint", str(t), _identity(t, sorted(plan.resume_dir.glob("*.pt")))))
     seen = groups.allgather(mine, what="the check that every rank reads the same files")
     for i, (what, path, _) in enumerate(mine):
         by_sha: dict = {}
