@@ -729,15 +729,22 @@ def run_preprocess(inputs: list[str], out: str, **options) -> dict:
     """Preprocess ``inputs`` into the dataset directory ``out``; returns the manifest
     (or, for one task of a job array, a summary of the task's part). A full disk (or another
     failed write) is one line; what was committed stays, and the same command resumes."""
-    try:
+    with _faults_as_errors(out, "the dataset", "rerun the same command to resume once there is room"):
         return _run_preprocess(inputs, out, **options)
+
+
+@contextlib.contextmanager
+def _faults_as_errors(out, what: str, resume: str):
+    """A damaged resume state or a failed write (full disk, quota) as one line; what was
+    committed stays, so ``resume`` says how to continue."""
+    try:
+        yield
     except sqlite3.DatabaseError as e:  # a damaged or foreign resume state, found while using it
         raise _damaged_state(os.fspath(out), e) from None
     except OSError as e:
         if not is_write_failure(e):
             raise
-        raise HpcllmError(f"{write_error('the dataset', e.filename or out, e)}; rerun the same command to resume "
-                          "once there is room") from None
+        raise HpcllmError(f"{write_error(what, e.filename or out, e)}; {resume}") from None
 
 
 def _run_preprocess(inputs: list[str], out: str, **options) -> dict:
@@ -829,15 +836,8 @@ def _packer(out: str, fingerprint: str, config: dict, overwrite: bool) -> Packer
 def merge_parts(out: str, overwrite: bool = False, progress: bool | None = None, log_every: float = 10.0,
                 batch_docs: int = 4096) -> dict:
     """Write the global dataset from the finished parts of a job array (see module docstring)."""
-    try:
+    with _faults_as_errors(out, "the merged dataset", "rerun the merge to resume once there is room"):
         return _merge_parts(out, overwrite, progress, log_every, batch_docs)
-    except sqlite3.DatabaseError as e:
-        raise _damaged_state(os.fspath(out), e) from None
-    except OSError as e:
-        if not is_write_failure(e):
-            raise
-        raise HpcllmError(f"{write_error('the merged dataset', e.filename or out, e)}; rerun the merge to resume "
-                          "once there is room") from None
 
 
 def _merge_parts(out: str, overwrite: bool = False, progress: bool | None = None, log_every: float = 10.0,

@@ -475,22 +475,24 @@ def render_preprocess(job: PreprocessJob, profile: Profile, check_inputs: bool =
 def write_scripts(scripts: list[Script], directory: str | os.PathLike) -> list[Path]:
     """Write each script as DIRECTORY/NAME (executable); returns the paths."""
     from hpcllm.fileio import write_error
-    from hpcllm.locking import lock_dir
 
     d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error("the batch scripts", d, e) from None
     paths = []
-    with lock_dir(d):  # one writer of these scripts
-        for s in scripts:
-            p = d / s.name
-            tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-            try:  # a reader (sbatch) sees the old script or the new one, never half of one
-                tmp.write_text(s.text)
-                tmp.chmod(0o755)
-                os.replace(tmp, p)
-            except OSError as e:
-                tmp.unlink(missing_ok=True)
-                raise write_error("the batch script", p, e) from None
-            paths.append(p)
+    for s in scripts:
+        p = d / s.name
+        tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+        try:  # a reader (sbatch, another writer) sees the old script or the new one, never half of one
+            tmp.write_text(s.text)
+            tmp.chmod(0o755)
+            os.replace(tmp, p)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error("the batch script", p, e) from None
+        paths.append(p)
     return paths
 
 

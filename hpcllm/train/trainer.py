@@ -185,9 +185,16 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     log(groups, f"global batch {global_batch} sequences = {tokens_per_step} tokens "
         f"(micro-batch {d.micro_batch} x {M} micro-batches x {dims.dp} replicas x seq_len {gpt_cfg.seq_len})"
         + ("; activation recomputation per block" if pc.recompute else ""))
-    if pc.grad_compression != "none" and dims.dp == 1:
-        log(groups, f"--grad-compression {pc.grad_compression}: no effect with 1 "
-            f"{'pipeline replica' if dims.pp > 1 else 'rank'} (no data-parallel allreduce)")
+    if dims.dp == 1:  # settings of the data-parallel allreduce, which this layout does not run
+        from hpcllm.config import is_given
+
+        unused = [f"{flag} {getattr(pc, name)}" for name, flag in (
+            ("grad_compression", "--grad-compression"), ("fusion_threshold_mb", "--fusion-threshold-mb"),
+            ("cycle_time_ms", "--cycle-time-ms"), ("hierarchical_allreduce", "--hierarchical-allreduce"),
+            ("timeline", "--timeline")) if is_given(cfg, f"parallel.{name}")]
+        if unused:
+            log(groups, f"{', '.join(unused)}: no effect with 1 {'pipeline replica' if dims.pp > 1 else 'rank'} "
+                "(no data-parallel allreduce)")
     if par.compiled_blocks:
         log(groups, f"compiling {par.compiled_blocks} blocks with torch.compile (at the first step)")
     if reader is not None:
