@@ -219,8 +219,16 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: str, min_frequency: in
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
-    tok.save(tmp)
-    os.replace(tmp, out)
+    try:
+        tok.save(tmp)
+        os.replace(tmp, out)
+    except Exception as e:  # tokenizers raises a bare Exception ("No space left on device (os error 28)")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        from hpcllm.fileio import write_error
+
+        err = e if isinstance(e, OSError) else OSError(0, excerpt(e, 80))
+        raise write_error("the tokenizer", out, err) from None
     return HFTokenizer(out)
 
 
