@@ -19,9 +19,9 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """~8 MB of jsonl: a preprocess of it runs for seconds."""
+    """~27 MB of jsonl: a preprocess of it runs for seconds (two started together overlap)."""
     d = tmp_path_factory.mktemp("lockcorpus")
-    docs = make_docs(12_000, seed=7, min_words=20, max_words=200)
+    docs = make_docs(40_000, seed=7, min_words=20, max_words=200)
     return write_jsonl(d / "big.jsonl", docs), docs
 
 
@@ -77,9 +77,9 @@ def test_a_second_run_while_the_first_runs_then_after_kill_9(corpus, tmp_path):
     try:
         holder = _holder(out / ".hpcllm.lock")
         assert holder["pid"] == first.pid and "preprocess" in holder["command"]
+        os.kill(first.pid, signal.SIGSTOP)  # hold it there: the first run is running, whatever the speed
         second = subprocess.run(_preprocess(path, out), env=ENV, capture_output=True, text=True, timeout=120)
         assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr
-        assert first.poll() is None, "the first run ended before the second was refused"
         os.kill(first.pid, signal.SIGKILL)  # a killed holder must not block the next run
         first.wait(timeout=30)
     finally:
