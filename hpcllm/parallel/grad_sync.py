@@ -142,8 +142,3 @@ class GradSync:
         if not self.started:
             return 0.0, 0.0
         return self.started_in_backward / self.started, self.done_in_backward / self.started
-
-    def close(self) -> None:
-        for h in self.hooks:
-            h.remove()
-        self.hooks = []

@@ -76,10 +76,6 @@ class ParallelGroups:
         """World rank 0: the one process that writes the run's shared files."""
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.size > 1
-
     def describe(self) -> str:
         where = ", ".join(f"{d} {self.coords[d]}/{getattr(self.dims, d)}" for d in reversed(ORDER))
         return f"rank {self.rank}/{self.size} ({where}; local {self.local_rank}/{self.local_size})"
@@ -128,11 +124,6 @@ class ParallelGroups:
         err = self.bcast(err, what=what)
         if err:
             raise HpcllmError(err)
-
-    def barrier(self) -> None:
-        """Not watched: ranks wait here while rank 0 writes checkpoint files."""
-        if self.world is not None:
-            self.world.Barrier()
 
     def broadcast_tensors(self, tensors: dict, dim: str = "dp", root: int = 0) -> None:
         """Copy the tensors of coordinate ``root`` in ``dim`` to the rest of that group, in

@@ -78,14 +78,6 @@ class Parallelized:
     partition: object = None     # the pipeline's Partition, or None
     compiled_blocks: int = 0
 
-    @property
-    def gpt(self):
-        """The GPT module holding this rank's blocks."""
-        return getattr(self.module, "gpt", self.module)
-
-    def named_parameters(self):
-        return self.module.named_parameters()
-
     def owned_names(self) -> set[str]:
         """Names this rank's module holds whose values it alone writes to a checkpoint (the last
         stage's copy of the tied matrix is stage 0's)."""
