@@ -58,3 +58,30 @@ def is_write_failure(e: OSError) -> bool:
     """A full disk, a quota, a file-size limit, a read-only or failing device (HDF5 reports
     some of these without an errno, in its message)."""
     return e.errno in WRITE_ERRNOS or any(s in str(e) for s in ("No space left", "Disk quota", "File too large"))
+
+
+def remove_stale_tmp(path) -> None:
+    """Delete ``PATH.tmpPID`` files beside ``path`` left by writers that are gone (killed mid-write):
+    the pid is in the name, and a live process of that pid on this host keeps its file."""
+    path = os.fspath(path)
+    d, name = os.path.split(os.path.abspath(path))
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.startswith(name + ".tmp"):
+            continue
+        pid = entry[len(name) + 4:]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # still writing
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        try:
+            os.unlink(os.path.join(d, entry))
+        except OSError:
+            pass

@@ -229,3 +229,16 @@ def test_sbatch_scripts_run_the_installation_that_wrote_them(data, tmp_path):
     # a profile that sets up the environment (venv, modules) keeps `hpcllm` from its PATH
     text = render_train(job, load_profile("cpu"))
     assert " hpcllm train" in text and "-m hpcllm train" not in text
+
+
+def test_a_killed_exports_half_written_file_is_removed_by_the_next(data, tmp_path):
+    run = tmp_path / "run"
+    run_train([*TINY, "--data", str(data), "--out", str(run), "--steps", "1"])
+    out = tmp_path / "model.pt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    stale = tmp_path / f"model.pt.tmp{dead.pid}"
+    stale.write_bytes(b"half a file")
+    r = cli("export", run, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.is_file() and not stale.exists()

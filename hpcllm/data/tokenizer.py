@@ -218,6 +218,9 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: str, min_frequency: in
     )
     tok.train_from_iterator(texts, trainer=trainer)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    from hpcllm.fileio import remove_stale_tmp
+
+    remove_stale_tmp(out)  # a killed writer's half-written file
     tmp = f"{out}.tmp{os.getpid()}"
     try:
         tok.save(tmp)

@@ -443,6 +443,9 @@ def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
     """Write :func:`export_payload` to ``out`` atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from hpcllm.fileio import remove_stale_tmp
+
+    remove_stale_tmp(out)  # a killed export's half-written file
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     payload = export_payload(checkpoint)
     from hpcllm.fileio import write_error
