@@ -108,12 +108,6 @@ def _read_json(path: Path) -> dict:
                      if path.name == "trainer.json" else dict)
 
 
-def _torch_load(path: Path) -> Any:
-    from hpcllm.train.checkpoint import load_torch
-
-    return load_torch(path)
-
-
 def _model_config_of(config: dict, where: Path, vocab_size: int | None = None) -> dict:
     """The GPTConfig fields inside a run's config.json (hpcllm.config.effective_config puts
     the resolved GPTConfig under ``model``; the preset options under ``model_options``)."""
@@ -265,7 +259,9 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     src = resolve_checkpoint(path)
     step = None
     if src.is_file():
-        payload = _torch_load(src)
+        from hpcllm.train.checkpoint import load_torch
+
+        payload = load_torch(src)
         if not isinstance(payload, dict) or payload.get("format") not in (EXPORT_FORMAT, None) or "model" not in payload:
             raise HpcllmError(f"{src}: not an hpcllm exported model (no 'model'/'config' entries)")
         validate(payload, EXPORT_SCHEMA, str(src))

@@ -42,6 +42,7 @@ class GradSync:
         self.groups = groups
         self.dp_size = groups.dims.dp
         self.tied = tied if groups.tie is not None else None
+        self.tied_param = dict(self.params).get(self.tied) if self.tied else None
         #: names whose gradient is a duplicate of one counted elsewhere (norm counts it once)
         self.duplicate = {self.tied} if (self.tied and groups.last_stage) else set()
         self.hvd = groups.hvd if self.dp_size > 1 else None
@@ -118,7 +119,7 @@ class GradSync:
         """First and last stage add their copies' gradients, so both hold the whole model's."""
         from mpi4py import MPI
 
-        p = dict(self.params)[self.tied]
+        p = self.tied_param
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         g = p.grad

@@ -91,7 +91,6 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
     ``partition`` is the pipeline's (required with stages)."""
     from hpcllm.model.gpt import GPT
 
-    runner = None
     if groups.dims.pp > 1:
         from hpcllm.parallel.pipeline.stage import PipelineStage
 

@@ -437,7 +437,7 @@ class CheckpointReader:
         if self.version > VERSION:
             raise HpcllmError(f"{self.dir / 'trainer.json'}: checkpoint format version {self.version}; this hpcllm "
                               f"reads versions 1 to {VERSION} (a newer hpcllm wrote it)")
-        self._keys: dict[str, set] | None = None
+        self._parts: dict[str, dict] | None = None  # model file -> its tensors, memory-mapped
 
     # ---- which files
     def _model_files(self) -> list[tuple[Path, Path]]:
@@ -469,37 +469,39 @@ class CheckpointReader:
                     "schedule": pipe.get("schedule"), "microbatches": pipe.get("microbatches")}
         return {"pp": 1, "dp": int(self.trainer.get("world_size", 1))}
 
-    def _file_keys(self) -> dict[str, set]:
-        if self._keys is None:
-            self._keys = {}
+    def _file_parts(self) -> dict[str, dict]:
+        """Each model file's tensors, opened once, memory-mapped (no tensor is read yet)."""
+        if self._parts is None:
             pairs = self._model_files()
             if not pairs:
                 raise HpcllmError(f"{self.dir}: no model files (model-*.pt) in the checkpoint")
+            self._parts = {}
             for f, _ in pairs:
                 part = load_torch(f, mmap=True)
                 if not isinstance(part, dict) or not all(isinstance(k, str) and torch.is_tensor(v)
                                                          for k, v in part.items()):
                     raise HpcllmError(f"{f}: not a model file of a checkpoint (expected parameter name -> tensor)")
-                self._keys[str(f)] = set(part)
-        return self._keys
+                self._parts[str(f)] = part
+        return self._parts
+
+    def close(self) -> None:
+        """Unmap the model files (a mapped file would keep a pruned checkpoint's space, and on
+        NFS leave .nfs files that block deleting its directory)."""
+        self._parts = None
 
     def names(self) -> set[str]:
         """Every tensor name the checkpoint holds."""
-        return set().union(*self._file_keys().values())
+        return set().union(*self._file_parts().values())
 
     # ---- reading
     def model_state(self, names=None, map_location="cpu") -> dict:
         """``{name: tensor}`` for ``names`` (None: every tensor); a missing name is an error."""
-        keys = self._file_keys()
+        parts = self._file_parts()
         want = self.names() if names is None else set(names)
         out = {}
-        for f, _ in self._model_files():
-            take = (keys[str(f)] & want) - set(out)
-            if not take:
-                continue
-            part = load_torch(f, map_location=map_location, mmap=True)
-            out.update({k: part[k].clone() if map_location == "cpu" else part[k] for k in take})
-            del part
+        for part in parts.values():
+            # copies: the returned tensors do not keep the files mapped
+            out.update({k: part[k].to(map_location, copy=True) for k in (part.keys() & want) - out.keys()})
         missing = want - set(out)
         if missing:
             raise HpcllmError(f"{self.dir}: {self.describe()} lacks {', '.join(sorted(missing)[:3])}"
@@ -510,13 +512,13 @@ class CheckpointReader:
         """``{name: AdamW state}`` for ``names`` (names without state are left out: a
         checkpoint written before the first optimizer step)."""
         want, out = set(names), {}
-        keys = self._file_keys()
+        parts = self._file_parts()
         if self.version == 1 and (self.dir / "model.pt").is_file():
             sd = load_torch(self.dir / "optim.pt")
             order = _v1_optimizer_order(load_json(self.dir / "config.json"))
             return {order[int(i)]: s for i, s in sd.get("state", {}).items() if order[int(i)] in want}
         for f, of in self._model_files():
-            if not (keys[str(f)] & want) - set(out):
+            if not (parts[str(f)].keys() & want) - out.keys():
                 continue
             named = load_torch(of)
             if not isinstance(named, dict) or named.get("format") != OPTIM_FORMAT:

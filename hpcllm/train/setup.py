@@ -192,6 +192,7 @@ def restore(plan: Plan, module, optimizer, loader, scaler, groups, device) -> No
     module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
     names = [n for n, _ in module.named_parameters()]
     ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
+    reader.close()
     if loader is not None:
         loader.load_state_dict(tstate["loader"])
     scaler.load_state_dict(tstate.get("loss_scaler") or {})

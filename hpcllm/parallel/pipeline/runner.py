@@ -58,8 +58,6 @@ class PipelineRunner:
     def eval_sums(self, batches) -> tuple[float, int]:
         """(sum of losses, count) of this rank's share of a validation pass (the last stage
         holds the losses)."""
-        from mpi4py import MPI  # noqa: F401  (the pipe communicator is an mpi4py one)
-
         pipe = self.groups.comm["pp"]
         stage = self.module
         was = stage.training
