@@ -129,6 +129,10 @@ class ParallelConfig:
     microbatches: Optional[int] = opt(None, "Pipeline micro-batches per step [default: --accum; the same "
                                       "quantity as --accum, named for pipelines].", range=AT_LEAST_1)
     balance: Optional[str] = opt(None, "Layers per stage, comma-separated (e.g. 5,4,4,3) [default: even].")
+    zero_stage: int = opt(0, "Shard the model state over the data-parallel ranks (ZeRO over Horovod): 0 replicated "
+                          "(16 bytes/parameter per rank with AdamW), 1 optimizer states (4+4+8/N), 2 also "
+                          "gradients (4+12/N), 3 also parameters, gathered block by block (16/N).",
+                          range=Range(0, 3))
     recompute: bool = opt(False, "Recompute each block's activations in the backward pass (any layout): "
                           "keeps only block inputs between forward and backward, for about one more "
                           "forward pass of compute.")
@@ -409,6 +413,9 @@ def validate(cfg: TrainConfig) -> None:
     need(not (p.compile and p.schedule == "zbh1" and p.pipeline_stages > 1),
          "--compile does not combine with --schedule zbh1 (its weight-gradient split runs eager); "
          "use --schedule 1f1b to compile")
+    need(not (p.zero_stage == 3 and p.pipeline_stages > 1),
+         f"--zero-stage 3 does not combine with --pipeline-stages {p.pipeline_stages} (each stage's parameters "
+         "would be gathered once per micro-batch); use --zero-stage 1 or 2 with stages")
     need(p.stall_shutdown_s >= p.stall_check_s,
          f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 

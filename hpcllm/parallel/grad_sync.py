@@ -137,6 +137,43 @@ class GradSync:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
         return float(norm.double() ** 2) / self.dp_size
 
+    # ---- the interface ZeroSync shares (the trainer calls these whatever the stage)
+    @property
+    def replicated(self) -> bool:
+        """Every replica holds the whole of its part (ZeRO: shards)."""
+        return True
+
+    def optimizer_params(self):
+        """(name, tensor) pairs the optimizer steps: the parameters themselves."""
+        return list(self.params)
+
+    def decay_names(self):
+        return None  # by shape
+
+    def step_params(self) -> list:
+        """The tensors whose ``.grad`` unscaling and clipping act on."""
+        return [p for _, p in self.params]
+
+    def after_step(self) -> None:
+        pass
+
+    def zero_grad(self, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def drain(self) -> None:
+        pass
+
+    def comm_record(self) -> dict:
+        return {"allreduce_s": round(self.wait_s, 6)} if self.hvd is not None else {}
+
+    def model_state_bytes(self, optimizer) -> int:
+        """Bytes of parameters, gradients and optimizer states this rank holds now."""
+        from hpcllm.parallel.zero import storage_bytes
+
+        tensors = [t for _, p in self.params for t in (p, p.grad)]
+        tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return storage_bytes(tensors)
+
     def overlap_shares(self) -> tuple[float, float]:
         """Of the last step's allreduces: the share started inside the last backward, and the
         share already complete when it ended (0, 0 without allreduces)."""

@@ -1,6 +1,7 @@
 """Apply a parallel layout to the plain GPT, from outside, in one order:
 
     pipeline split -> activation recomputation -> torch.compile -> gradient synchroniser
+                                                                    (GradSync, or ZeRO's ZeroSync)
 
 (``apply_recompute`` is in :mod:`hpcllm.parallel.recompute`.)
 
@@ -74,9 +75,10 @@ class AccumulationRunner:
 class Parallelized:
     module: torch.nn.Module      # GPT, or this rank's PipelineStage (same parameter names)
     runner: object               # AccumulationRunner | PipelineRunner
-    grad_sync: GradSync
+    grad_sync: object            # GradSync | ZeroSync (the same interface)
     partition: object = None     # the pipeline's Partition, or None
     compiled_blocks: int = 0
+    zero_stage: int = 0
 
     def owned_names(self) -> set[str]:
         """Names this rank's module holds whose values it alone writes to a checkpoint (the last
@@ -85,16 +87,22 @@ class Parallelized:
         return {n for n in self.module.state_dict() if n not in dup}
 
 
+
+
 def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_batch: int, microbatches: int,
                 partition=None) -> Parallelized:
     """Build this rank's part of the model for ``groups``' layout (see the module doc);
     ``partition`` is the pipeline's (required with stages)."""
     from hpcllm.model.gpt import GPT
 
+    zero = getattr(pcfg, "zero_stage", 0)
     if groups.dims.pp > 1:
         from hpcllm.parallel.pipeline.stage import PipelineStage
 
         module = PipelineStage(gpt_cfg, partition, groups.stage, seed=seed, device=device)
+    elif zero:  # ZeroSync materialises and initialises each unit into its flat buffers
+        with torch.device("meta"):
+            module = GPT(gpt_cfg, init_seed=None)
     else:
         module = GPT(gpt_cfg, init_seed=seed).to(device)
     gpt = getattr(module, "gpt", module)
@@ -113,5 +121,12 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
     else:
         runner = AccumulationRunner(module, device, autocast)
     tied = TIED if (groups.dims.pp > 1 and (groups.first_stage or groups.last_stage)) else None
-    sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied)
-    return Parallelized(module, runner, sync, partition, compiled)
+    if zero:
+        from hpcllm.model.gpt import init_parameters
+        from hpcllm.parallel.zero import ZeroSync
+
+        sync = ZeroSync(module, gpt.block_list(), groups, zero, device=device, compression=pcfg.grad_compression,
+                        tied=tied, init_fn=lambda named: init_parameters(named, seed, gpt_cfg.n_layer))
+    else:
+        sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied)
+    return Parallelized(module, runner, sync, partition, compiled, zero)

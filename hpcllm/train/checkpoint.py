@@ -17,6 +17,13 @@ embedding is not: stage 0 owns it). ``trainer.json`` records the layout it was w
 find a tensor: :class:`CheckpointReader` opens the model files memory-mapped and takes each
 name from whichever file holds it, so any layout loads any checkpoint.
 
+Under ``--zero-stage`` 1-3 every rank writes its own ``zero-SSSSS-RRRRR.pt`` (pipeline stage,
+data-parallel rank), in parallel, nothing gathered: ``{"format": "hpcllm-zero-shard",
+"zero_stage", "dp", "dp_rank", "pieces": {name: {"shape", "start", "stop", "value",
+"exp_avg", "exp_avg_sq", "step"}}}``, each piece the elements ``[start, stop)`` of the
+flattened parameter. The reader joins a name's pieces (they must cover it), so a sharded
+checkpoint loads into any layout and stage, and any checkpoint into a sharded run.
+
 Checkpoints of the first format (version 1) still load: ``model.pt``/``optim.pt`` (data
 parallel, optimizer state indexed in :func:`hpcllm.train.setup.build_optimizer`'s order) and
 ``model-stage{s}.pt``/``optim-stage{s}.pt`` (pipeline, keyed by name).
@@ -72,6 +79,8 @@ FORMAT = "hpcllm-checkpoint"
 VERSION = 2
 OPTIM_FORMAT = "hpcllm-named-optim"
 _MODEL_FILE_RE = re.compile(r"^model-(\d{5,})\.pt$")
+_SHARD_FILE_RE = re.compile(r"^zero-(\d{5,})-(\d{5,})\.pt$")
+SHARD_FORMAT = "hpcllm-zero-shard"
 
 
 def model_file(owner: int) -> str:
@@ -82,9 +91,15 @@ def optim_file(owner: int) -> str:
     return f"optim-{owner:05d}.pt"
 
 
+def shard_file(stage: int, dp_rank: int) -> str:
+    """A ZeRO rank's file: its pieces of the parameters of pipeline stage ``stage``."""
+    return f"zero-{stage:05d}-{dp_rank:05d}.pt"
+
+
 def has_model_files(d: Path) -> bool:
     return (d / "model.pt").is_file() or any(d.glob("model-stage*.pt")) or any(
-        _MODEL_FILE_RE.match(f.name) for f in d.glob("model-*.pt"))
+        _MODEL_FILE_RE.match(f.name) for f in d.glob("model-*.pt")) or any(
+        _SHARD_FILE_RE.match(f.name) for f in d.glob("zero-*.pt"))
 
 
 def is_complete(d: Path) -> bool:
@@ -326,7 +341,7 @@ _SCALER = {"enabled": Opt(bool), "scale": Opt(NUMBER), "good_steps": Opt(COUNT),
 TRAINER_SCHEMA = {
     "format": Opt(str), "version": Opt(POSITIVE), "step": COUNT, "loader": Nullable(_LOADER), "lr_schedule": Opt(dict), "loss_scaler": Opt(Nullable(_SCALER)),
     "tokenizer_sha256": Opt(Nullable(str)), "world_size": Opt(POSITIVE), "global_batch": Opt(Nullable(POSITIVE)),
-    "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "bounds": Opt(Nullable([[COUNT]]))}),
+    "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "zero": Opt(COUNT), "bounds": Opt(Nullable([[COUNT]]))}),
     "pipeline": Opt(Nullable({"stages": POSITIVE, "bounds": [[COUNT]]})),
 }
 #: what finding a checkpoint's tensors relies on in trainer.json (generation and export too)
@@ -438,6 +453,7 @@ class CheckpointReader:
             raise HpcllmError(f"{self.dir / 'trainer.json'}: checkpoint format version {self.version}; this hpcllm "
                               f"reads versions 1 to {VERSION} (a newer hpcllm wrote it)")
         self._parts: dict[str, dict] | None = None  # model file -> its tensors, memory-mapped
+        self._pieces: dict[str, list] | None = None  # name -> ZeRO pieces [(start, stop, shape, record, file)]
 
     # ---- which files
     def _model_files(self) -> list[tuple[Path, Path]]:
@@ -454,6 +470,9 @@ class CheckpointReader:
     def describe(self) -> str:
         """What wrote this checkpoint, in words (for messages)."""
         lay = self.layout()
+        if lay.get("zero", 0):
+            where = f"{lay['pp']}-stage pipeline, " if lay.get("pp", 1) > 1 else ""
+            return f"a ZeRO-{lay['zero']} checkpoint ({where}{lay.get('dp', '?')} data-parallel ranks)"
         if lay.get("pp", 1) > 1:
             return f"a {lay['pp']}-stage pipeline checkpoint"
         return "a data-parallel checkpoint"
@@ -469,11 +488,49 @@ class CheckpointReader:
                     "schedule": pipe.get("schedule"), "microbatches": pipe.get("microbatches")}
         return {"pp": 1, "dp": int(self.trainer.get("world_size", 1))}
 
+    def _shard_pieces(self) -> dict[str, list]:
+        """ZeRO pieces by parameter name, from every ``zero-*.pt`` (memory-mapped)."""
+        if self._pieces is None:
+            self._pieces = {}
+            files = sorted(f for f in self.dir.glob("zero-*.pt") if _SHARD_FILE_RE.match(f.name))
+            for f in files:
+                obj = load_torch(f, mmap=True)
+                if not isinstance(obj, dict) or obj.get("format") != SHARD_FORMAT:
+                    raise HpcllmError(f"{f}: not a ZeRO shard file of a checkpoint (format {SHARD_FORMAT})")
+                validate(obj, {"pieces": MapOf({"shape": [COUNT], "start": COUNT, "stop": COUNT})}, str(f))
+                for name, rec in obj["pieces"].items():
+                    if not torch.is_tensor(rec.get("value")) or rec["value"].numel() != rec["stop"] - rec["start"]:
+                        raise HpcllmError(f"{f}: piece of {name} has no values or the wrong number of them")
+                    self._pieces.setdefault(name, []).append((rec["start"], rec["stop"], tuple(rec["shape"]), rec, f))
+        return self._pieces
+
+    def _joined(self, name: str, key: str, map_location="cpu") -> torch.Tensor | None:
+        """The whole tensor ``key`` (value, exp_avg, ...) of ``name`` from its ZeRO pieces."""
+        pieces = sorted(self._shard_pieces()[name], key=lambda t: t[0])
+        shape = pieces[0][2]
+        total = 1
+        for k in shape:
+            total *= k
+        if key != "value" and any(key not in rec for *_, rec, _ in pieces):
+            return None
+        out = torch.empty(total, dtype=pieces[0][3][key].dtype)
+        at = 0
+        for start, stop, shp, rec, f in pieces:
+            if shp != shape or start != at or stop > total:
+                raise HpcllmError(f"{f}: the pieces of {name} do not fit together (elements {start}-{stop} of "
+                                  f"{total} after {at}): a shard file of the checkpoint is missing or foreign")
+            out[start:stop] = rec[key].reshape(-1)
+            at = stop
+        if at != total:
+            raise HpcllmError(f"{self.dir}: the ZeRO shard files hold {at} of the {total} elements of {name} "
+                              "(a shard file is missing)")
+        return out.view(shape).to(map_location)
+
     def _file_parts(self) -> dict[str, dict]:
         """Each model file's tensors, opened once, memory-mapped (no tensor is read yet)."""
         if self._parts is None:
             pairs = self._model_files()
-            if not pairs:
+            if not pairs and not self._shard_pieces():
                 raise HpcllmError(f"{self.dir}: no model files (model-*.pt) in the checkpoint")
             self._parts = {}
             for f, _ in pairs:
@@ -488,10 +545,11 @@ class CheckpointReader:
         """Unmap the model files (a mapped file would keep a pruned checkpoint's space, and on
         NFS leave .nfs files that block deleting its directory)."""
         self._parts = None
+        self._pieces = None
 
     def names(self) -> set[str]:
         """Every tensor name the checkpoint holds."""
-        return set().union(*self._file_parts().values())
+        return set().union(*self._file_parts().values(), self._shard_pieces())
 
     # ---- reading
     def model_state(self, names=None, map_location="cpu") -> dict:
@@ -502,6 +560,9 @@ class CheckpointReader:
         for part in parts.values():
             # copies: the returned tensors do not keep the files mapped
             out.update({k: part[k].to(map_location, copy=True) for k in (part.keys() & want) - out.keys()})
+        pieces = self._shard_pieces()
+        for k in (want & pieces.keys()) - out.keys():
+            out[k] = self._joined(k, "value", map_location)
         missing = want - set(out)
         if missing:
             raise HpcllmError(f"{self.dir}: {self.describe()} lacks {', '.join(sorted(missing)[:3])}"
@@ -517,6 +578,11 @@ class CheckpointReader:
             sd = load_torch(self.dir / "optim.pt")
             order = _v1_optimizer_order(load_json(self.dir / "config.json"))
             return {order[int(i)]: s for i, s in sd.get("state", {}).items() if order[int(i)] in want}
+        pieces = self._shard_pieces()
+        for k in want & pieces.keys():
+            ea, eas = self._joined(k, "exp_avg"), self._joined(k, "exp_avg_sq")
+            if ea is not None and eas is not None:
+                out[k] = {"exp_avg": ea, "exp_avg_sq": eas, "step": pieces[k][0][3].get("step", torch.tensor(0.0))}
         for f, of in self._model_files():
             if not (parts[str(f)].keys() & want) - out.keys():
                 continue

@@ -22,6 +22,16 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 
+
+def peak_memory_bytes(device) -> int:
+    """This process's peak memory so far: the CUDA caching allocator's peak on a GPU, else the
+    peak resident set size (``ru_maxrss``)."""
+    if getattr(device, "type", device) == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
 #: Dense peak TFLOP/s per device for (bf16/fp16, fp32) matmuls; matched as substrings of
 #: the CUDA device name, first match wins. fp32 on Ampere+ counts TF32 tensor cores.
 GPU_PEAK_TFLOPS = [

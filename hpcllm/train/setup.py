@@ -111,8 +111,9 @@ def setup_device(pcfg, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def build_optimizer(named_params, ocfg, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm).
+def build_optimizer(named_params, ocfg, fused: bool | None = None, decay_names=None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices/embeddings only (not biases, not LayerNorm);
+    ``decay_names``: the names that decay, where the shape does not tell (ZeRO's flat shards).
 
     ``fused`` None: PyTorch's fused AdamW kernel wherever it has one for the parameters'
     device (CUDA; CPUs since PyTorch 2.4), else the multi-tensor one. On a CPU the fused step
@@ -120,9 +121,9 @@ def build_optimizer(named_params, ocfg, fused: bool | None = None) -> torch.opti
     (``benchmarks/train.py --parts kernels``).
     """
     decay, no_decay = [], []
-    for _, p in named_params:
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    for n, p in named_params:
+        if p.requires_grad or decay_names is not None:
+            (decay if (n in decay_names if decay_names is not None else p.dim() >= 2) else no_decay).append(p)
 
     def make(fused_: bool | None) -> torch.optim.AdamW:
         # fresh group dicts each time: the constructor fills them in place
@@ -184,14 +185,36 @@ def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
         raise write_error("the run directory", e.filename or run_dir, e) from None
 
 
-def restore(plan: Plan, module, optimizer, loader, scaler, groups, device) -> None:
+def checkpoint_files(par, optimizer, groups) -> dict:
+    """This rank's tensor files of a checkpoint. Replicated: each part's first replica writes
+    the part's model/optimizer pair; ZeRO: every rank writes its own shards (in parallel,
+    nothing gathered anywhere)."""
+    if par.zero_stage:
+        return {ckpt.shard_file(groups.stage, groups.dp_rank): {
+            "format": ckpt.SHARD_FORMAT, "zero_stage": par.zero_stage, "dp": groups.dims.dp,
+            "dp_rank": groups.dp_rank, "pieces": par.grad_sync.shard_pieces(optimizer)}}
+    if groups.dp_rank != 0:
+        return {}
+    owned, module = par.owned_names(), par.module
+    return {ckpt.model_file(groups.stage): {k: v.detach().cpu() for k, v in module.state_dict().items() if k in owned},
+            ckpt.optim_file(groups.stage): ckpt.named_optim_state(optimizer, module.named_parameters(),
+                                                                  exclude=par.grad_sync.duplicate)}
+
+
+def restore(plan: Plan, par, optimizer, loader, scaler, groups, device) -> None:
     """Continue from ``plan``'s checkpoint, whatever layout wrote it: this rank's tensors and
-    their optimizer state by name, the loader's position (ranks that read data), the loss
-    scale and this rank's RNG state."""
+    their optimizer state by name (ZeRO: its shards), the loader's position (ranks that read
+    data), the loss scale and this rank's RNG state."""
     reader, tstate = plan.reader, plan.trainer_state
-    module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
-    names = [n for n, _ in module.named_parameters()]
-    ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
+    if par.zero_stage:
+        states = par.grad_sync.load(reader)
+        if states:
+            ckpt.load_named_optim_state(optimizer, par.grad_sync.optimizer_params(), states, device)
+    else:
+        module = par.module
+        module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
+        names = [n for n, _ in module.named_parameters()]
+        ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
     reader.close()
     if loader is not None:
         loader.load_state_dict(tstate["loader"])

@@ -33,10 +33,11 @@ import torch
 from hpcllm import exitcodes
 from hpcllm.config import TrainConfig, effective_config
 from hpcllm.train import checkpoint as ckpt
-from hpcllm.train.metrics import MetricsLogger
+from hpcllm.train.metrics import MetricsLogger, peak_memory_bytes
 from hpcllm.train.precision import LossScaler, autocast, clip_, probe_shape, resolve_precision
 from hpcllm.train.schedule import LRSchedule
-from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, choose_partition, device_peak,
+from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, checkpoint_files, choose_partition,
+                                device_peak,
                                 lock_run_dir, log, microbatches, prepare, prepare_run_dir, restore, setup_device,
                                 tokenizer_file, trainer_state)
 
@@ -132,7 +133,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     par = parallelize(gpt_cfg, groups, pc, seed=cfg.seed, device=device, autocast=amp,
                       micro_batch=d.micro_batch, microbatches=M, partition=partition)
     module, runner, grad_sync = par.module, par.runner, par.grad_sync
-    optimizer = build_optimizer(module.named_parameters(), o)
+    optimizer = build_optimizer(grad_sync.optimizer_params(), o, decay_names=grad_sync.decay_names())
     schedule = LRSchedule(o, cfg.steps)
     scaler = LossScaler(precision == "fp16", cfg.precision.loss_scale, cfg.precision.loss_scale_window)
 
@@ -147,21 +148,25 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     global_batch = d.micro_batch * M * dims.dp
 
     if reader is not None:
-        restore(plan, module, optimizer, loader, scaler, groups, device)
+        restore(plan, par, optimizer, loader, scaler, groups, device)
         if plan.trainer_state.get("global_batch") not in (None, global_batch):
             log(groups, f"note: global batch changed from {plan.trainer_state['global_batch']} to "
                 f"{global_batch} sequences")
     # the replicas of each part start from the first replica's values (identical anyway, by
     # the seed or the checkpoint: a safety net against ranks that start from different points)
-    groups.broadcast_tensors(dict(module.state_dict()))
-    groups.broadcast_tensors({f"{i}.{k}": v for i, s in enumerate(optimizer.state.values())
-                              for k, v in s.items() if torch.is_tensor(v)})
+    # (ZeRO: each rank holds its own shards, and every rank initialised the same values)
+    if grad_sync.replicated:
+        groups.broadcast_tensors(dict(module.state_dict()))
+        groups.broadcast_tensors({f"{i}.{k}": v for i, s in enumerate(optimizer.state.values())
+                                  for k, v in s.items() if torch.is_tensor(v)})
 
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
     # MFU is rank 0's to log (other ranks log nothing)
     peak = device_peak(device, precision, d.micro_batch, gpt_cfg, lg.peak_tflops) if groups.is_root else 1.0
     layout = {**dims.to_dict(), "world": groups.size}
+    if par.zero_stage:
+        layout["zero"] = par.zero_stage
     if dims.pp > 1:
         layout.update(bounds=[list(b) for b in partition.bounds], schedule=pc.schedule, microbatches=M)
     extra = {"pipeline": {"stages": dims.pp, "bounds": layout["bounds"], "schedule": pc.schedule,
@@ -182,6 +187,12 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     if dims.pp > 1:
         log(groups, f"pipeline: {dims.pp} stages x {dims.dp} replicas, schedule {pc.schedule}, {M} micro-batches, "
             f"blocks per stage {partition.counts()}")
+    if par.zero_stage:
+        log(groups, f"ZeRO stage {par.zero_stage}: " + {
+            1: "optimizer states", 2: "optimizer states and gradients",
+            3: "optimizer states, gradients and parameters"}[par.zero_stage]
+            + f" sharded over {dims.dp} data-parallel rank{'s' if dims.dp > 1 else ''}"
+            + (" (one rank: nothing to shard)" if dims.dp == 1 else ""))
     log(groups, f"global batch {global_batch} sequences = {tokens_per_step} tokens "
         f"(micro-batch {d.micro_batch} x {M} micro-batches x {dims.dp} replicas x seq_len {gpt_cfg.seq_len})"
         + ("; activation recomputation per block" if pc.recompute else ""))
@@ -204,16 +215,9 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
                             tokens_per_step=tokens_per_step, total_steps=cfg.steps,
                             echo=lambda s: print(s, flush=True))
     tok_file = tokenizer_file(info)
-    owner = groups.stage if groups.dp_rank == 0 else None  # one writer per distinct part
-    owned = par.owned_names()
 
     def save(step: int) -> Path:
-        files = {f"rng-rank{groups.rank}.pt": ckpt.rng_state()}
-        if owner is not None:
-            files[ckpt.model_file(owner)] = {k: v.detach().cpu() for k, v in module.state_dict().items()
-                                             if k in owned}
-            files[ckpt.optim_file(owner)] = ckpt.named_optim_state(optimizer, module.named_parameters(),
-                                                                   exclude=grad_sync.duplicate)
+        files = {f"rng-rank{groups.rank}.pt": ckpt.rng_state(), **checkpoint_files(par, optimizer, groups)}
         if groups.is_root:
             files["config.json"] = config_json
             files["trainer.json"] = trainer_state(step, loader, schedule, scaler, info, groups, global_batch, layout)
@@ -224,7 +228,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         log(groups, f"checkpoint {path}")
         return path
 
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = grad_sync.step_params()  # what unscaling and clipping act on (ZeRO: the shards)
+    state_bytes = None
     nan_at = _nan_hook(groups.rank)
     last_saved = start_step if reader is not None else None
     skipped_in_interval = 0
@@ -266,8 +271,11 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         else:
             clip_(params, agreed.grad_norm, o.grad_clip)
             optimizer.step()
+            if state_bytes is None:  # parameters + gradients + optimizer states, at their peak
+                state_bytes = grad_sync.model_state_bytes(optimizer)
+            grad_sync.after_step()  # ZeRO 1-2: the parameters' all-gathers start
             grad_norm_value = agreed.grad_norm
-        optimizer.zero_grad(set_to_none=True)
+        grad_sync.zero_grad(optimizer)
         scaler.update(agreed.overflow)
         metrics.step(agreed.loss, time.perf_counter() - t0, grad_sync.wait_s)
         done = step + 1
@@ -284,6 +292,10 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
                 record["dp_done_in_bwd"] = [round(x, 4) for x in agreed.extra[dims.pp:]]
             if scaler.enabled:
                 record["loss_scale"] = scaler.scale
+            record["comm_s"] = grad_sync.comm_record()
+            per_rank = groups.allgather((state_bytes, peak_memory_bytes(device)), what="the memory statistics")
+            record["model_state_bytes"] = [b for b, _ in per_rank]
+            record["peak_mem_bytes"] = [m for _, m in per_rank]
             skipped_in_interval = 0
         if lg.eval_every > 0 and (done % lg.eval_every == 0 or done == cfg.steps):
             total, n = runner.eval_sums(eval_batches)  # pipeline: every stage takes part
@@ -301,10 +313,12 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             log(groups, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
             if last_saved != done:
                 save(done)
+            grad_sync.drain()
             return exitcodes.REQUEUE
         if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
             save(done)
             last_saved = done
+    grad_sync.drain()
     log(groups, f"done: {cfg.steps} steps")
     return exitcodes.OK
 

@@ -1,0 +1,555 @@
+"""ZeRO-1/2/3 over Horovod: parameters, gradients and AdamW states sharded over the ``dp`` group.
+
+    mpirun -np 4 hpcllm train --data data/stdlib --out runs/z3 --zero-stage 3
+
+:class:`ZeroSync` takes :class:`~hpcllm.parallel.grad_sync.GradSync`'s place (same methods,
+the one training loop does not change) and owns the parameters' storage:
+
+- **Units and flat buffers.** Each transformer block is a *unit*, and everything else this
+  rank holds (embeddings, final LayerNorm; with stages, what the stage holds outside blocks)
+  is the *root* unit. A unit's parameters live in flat fp32 buffers, one per optimizer group
+  (``decay``: matrices, ``no_decay``: biases and norms; with stages ``tied``: the embedding
+  shared by first and last stage, alone so both stages shard it alike), each padded to a
+  multiple of N (the dp degree). Rank r owns elements ``[r*S, (r+1)*S)``, S = padded/N: with
+  the padding, Horovod's ``reducescatter`` (dim 0, the first ``d0 % N`` ranks get one more
+  row) splits evenly. The module's parameters are views into the buffers, so the model stays
+  plain PyTorch with its full names.
+- **Optimizer.** AdamW steps the shards (1-D tensors, one per buffer): each rank keeps
+  ``exp_avg``/``exp_avg_sq`` for 1/N of the parameters. Parameters are fp32 (autocast makes the
+  16-bit copies), so the parameter shard is the master copy.
+- **Gradients.** In the last backward pass of a step (:meth:`overlap`), a unit whose every
+  parameter has accumulated its gradient starts one ``hvd.grouped_reducescatter_async``
+  (Average, ``hpcllm.zero.rs.<unit>``) over its buffers: the reduction overlaps the rest of
+  the backward, once per optimizer step whatever ``--accum``. Stage 1 keeps full gradient
+  buffers (``.grad`` are views into them, autograd accumulates in place; the reduced shard is
+  written into the rank's own range). Stages 2 and 3 copy a ready unit's gradients into a
+  temporary flat buffer, drop the per-parameter ``.grad`` and keep only the reduced shard.
+- **Parameters.** Stages 1 and 2: after ``optimizer.step()`` one
+  ``hvd.grouped_allgather_async`` per unit (``hpcllm.zero.ag.<unit>``) refills the full
+  buffers, waited for only when the unit is next called (overlapping the next forward).
+  Stage 3 keeps only the shard: a unit's buffers are allocated and gathered just before its
+  forward, freed after it (storage resized to 0; autograd's saved views come back with the
+  storage), gathered again when the gradient of its output arrives (before its backward) and
+  freed when its last gradient has accumulated. The next unit's gather (forward order; in the
+  backward the previous unit's) is started while the current one computes. The root unit
+  stays gathered from the forward until its backward is done (the tied head is used last).
+- **Norm.** Each rank's shards hold distinct elements: the sum over ranks of
+  :meth:`norm_sq` counts every parameter once (the last stage's tied shard counts nothing).
+
+The unit hooks wrap the module's ``__call__`` (a class swap, as ``--recompute`` does), outside
+``torch.utils.checkpoint`` and ``torch.compile``: recomputation and compiled code never see them.
+With one data-parallel rank (N = 1) the same code runs with no collective (the resharding
+tests and a replicated-on-1 resume use it).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from hpcllm.errors import HpcllmError
+
+#: Horovod's MPI path counts elements in 32 bits
+MAX_CALL_ELEMENTS = 2 ** 31 - 1
+
+
+class Flat:
+    """One optimizer group of one unit: its parameters as views into a flat fp32 buffer
+    padded to a multiple of ``n``; this rank's range is ``[lo, hi)``."""
+
+    def __init__(self, unit: str, kind: str, named, n: int, rank: int, device):
+        self.key = f"{unit}.{kind}"
+        self.kind = kind
+        self.names = [nm for nm, _ in named]
+        self.shapes = [tuple(p.shape) for _, p in named]
+        self.numels = [p.numel() for _, p in named]
+        self.offsets, total = [], 0
+        for k in self.numels:
+            self.offsets.append(total)
+            total += k
+        self.numel = total
+        self.padded = -(-total // n) * n
+        if self.padded > MAX_CALL_ELEMENTS:
+            raise HpcllmError(f"--zero-stage: unit {unit} holds {total} {kind} parameters, more than a Horovod "
+                              f"collective can move in one call (2^31 - 1 elements)")
+        size = self.padded // n
+        self.lo, self.hi = rank * size, (rank + 1) * size
+        self.full = torch.zeros(self.padded, dtype=torch.float32, device=device)
+        self.params: list[torch.nn.Parameter] = []
+        self.shard: torch.Tensor | None = None      # what the optimizer steps
+        self.grad_full: torch.Tensor | None = None  # stage 1: the full gradient buffer
+
+    def view(self, i: int) -> torch.Tensor:
+        o = self.offsets[i]
+        return self.full[o:o + self.numels[i]].view(self.shapes[i])
+
+    def pieces(self):
+        """(name, shape, start, stop in the flattened parameter, start, stop in the shard)
+        of each parameter overlapping this rank's range."""
+        for name, shape, o, k in zip(self.names, self.shapes, self.offsets, self.numels):
+            a, b = max(o, self.lo), min(o + k, self.hi)
+            if a < b:
+                yield name, shape, a - o, b - o, a - self.lo, b - self.lo
+
+    # ---- stage 3: the full buffer exists only while gathered
+    def allocate(self) -> None:
+        st = self.full.untyped_storage()
+        if st.nbytes() == 0:
+            st.resize_(self.padded * self.full.element_size())
+
+    def free(self) -> None:
+        self.full.untyped_storage().resize_(0)
+
+
+class Unit:
+    """Parameters gathered and reduced together: a block, or the root (the rest)."""
+
+    def __init__(self, name: str, index: int):
+        self.name, self.index = name, index
+        self.flats: list[Flat] = []
+        self.gathered = True
+        self.pending = None   # an all-gather in flight: Horovod handle
+        self.seen = 0         # parameters whose gradient has accumulated in this backward pass
+        self.n_params = 0
+
+
+_ZERO_CLASSES: dict[type, type] = {}
+
+
+def _zero_class(cls: type) -> type:
+    """A subclass of ``cls`` whose call runs the unit's before/after hooks around it."""
+    if cls not in _ZERO_CLASSES:
+        def __call__(self, *args, **kwargs):
+            hooks = self.__dict__.get("_hpcllm_zero_call")
+            if hooks is None:
+                return super(sub, self).__call__(*args, **kwargs)
+            before, after = hooks
+            before()
+            return after(super(sub, self).__call__(*args, **kwargs))
+
+        sub = type(f"Zero{cls.__name__}", (cls,), {"__call__": __call__})
+        _ZERO_CLASSES[cls] = sub
+    return _ZERO_CLASSES[cls]
+
+
+def _owners(module) -> dict[int, tuple]:
+    """id(parameter) -> (owning module, attribute name), for replacing parameters."""
+    out = {}
+    for mod in module.modules():
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), (mod, attr))
+    return out
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+class ZeroSync:
+    """``module``: this rank's model (its parameters may be on the meta device, then
+    ``init_fn(named_params)`` initialises each unit's); ``blocks``: its transformer blocks;
+    ``stage``: 1, 2 or 3; ``tied``: the name of the matrix shared with another pipeline stage."""
+
+    def __init__(self, module, blocks, groups, stage: int, *, device, init_fn=None, compression: str = "none",
+                 tied: str | None = None):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage {stage}")
+        self.stage, self.groups, self.device = stage, groups, device
+        self.n = groups.dims.dp
+        self.rank_in_dp = groups.dp_rank
+        self.hvd = groups.hvd if self.n > 1 else None
+        self.process_set = groups.process_set.get("dp")
+        self.compression = None
+        if self.hvd is not None:
+            self.compression = self.hvd.Compression.fp16 if compression == "fp16" else self.hvd.Compression.none
+        self.tied = tied if groups.tie is not None else None
+        self.duplicate = {self.tied} if (self.tied and groups.last_stage) else set()
+        self.top = module
+        self.units: list[Unit] = []
+        self.armed = False
+        #: all-gathers and reduce-scatters in flight / statistics of the last step
+        self.rs_inflight: dict[str, tuple] = {}
+        self.started_in_backward = self.done_in_backward = self.started = 0
+        self.wait_s = self.rs_wait_s = self.ag_wait_s = self.last_ag_s = 0.0
+        self._build(module, blocks, init_fn)
+
+    # ---------------------------------------------------------------- construction
+    def _build(self, module, blocks, init_fn) -> None:
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        if any(not p.requires_grad for _, p in module.named_parameters()):
+            raise HpcllmError("--zero-stage: frozen parameters are not supported")
+        owner_of = _owners(module)
+        in_block = {}
+        for i, blk in enumerate(blocks):
+            for p in blk.parameters():
+                in_block[id(p)] = i
+        specs = [("root", module, [(n, p) for n, p in named if id(p) not in in_block])]
+        for i, blk in enumerate(blocks):
+            specs.append((f"block{i}", blk, [(n, p) for n, p in named if in_block.get(id(p)) == i]))
+        for index, (uname, call_module, params) in enumerate(specs):
+            if not params:
+                continue
+            unit = Unit(uname, index)
+            by_kind = {"decay": [], "no_decay": [], "tied": []}
+            for n, p in params:
+                kind = "tied" if n == self.tied else ("decay" if p.dim() >= 2 else "no_decay")
+                by_kind[kind].append((n, p))
+            for kind, members in by_kind.items():
+                if not members:
+                    continue
+                flat = Flat(uname, kind, members, self.n, self.rank_in_dp, self.device)
+                fresh = []
+                for i, (n, old) in enumerate(members):
+                    new = torch.nn.Parameter(flat.view(i), requires_grad=True)
+                    if old.device.type != "meta":
+                        with torch.no_grad():
+                            new.copy_(old)
+                    mod, attr = owner_of[id(old)]
+                    mod._parameters[attr] = new
+                    flat.params.append(new)
+                    fresh.append((n, new))
+                if init_fn is not None and members[0][1].device.type == "meta":
+                    init_fn(fresh)
+                if self.stage == 3:
+                    flat.shard = flat.full[flat.lo:flat.hi].clone()
+                else:
+                    flat.shard = flat.full[flat.lo:flat.hi]
+                if self.stage == 1:
+                    flat.grad_full = torch.zeros_like(flat.full)
+                    for i, p in enumerate(flat.params):
+                        o = flat.offsets[i]
+                        p.grad = flat.grad_full[o:o + flat.numels[i]].view(flat.shapes[i])
+                    flat.shard.grad = flat.grad_full[flat.lo:flat.hi]
+                unit.flats.append(flat)
+            unit.n_params = sum(len(f.params) for f in unit.flats)
+            for f in unit.flats:
+                for p in f.params:
+                    p.register_post_accumulate_grad_hook(self._grad_hook(unit))
+            call_module.__class__ = _zero_class(type(call_module))
+            call_module.__dict__["_hpcllm_zero_call"] = (self._before(unit), self._after(unit))
+            if self.stage == 3:
+                for f in unit.flats:
+                    f.free()
+                unit.gathered = False
+            self.units.append(unit)
+        if not any(u.name == "root" for u in self.units):  # a middle pipeline stage: nothing outside blocks
+            module.__class__ = _zero_class(type(module))
+            module.__dict__["_hpcllm_zero_call"] = (lambda: None, lambda out: out)
+
+    # ---------------------------------------------------------------- what the trainer asks
+    def optimizer_params(self):
+        """(name, tensor) pairs the optimizer steps: one shard per flat buffer."""
+        return [(f"zero.{f.key}", f.shard) for u in self.units for f in u.flats]
+
+    def decay_names(self) -> set[str]:
+        return {f"zero.{f.key}" for u in self.units for f in u.flats if f.kind != "no_decay"}
+
+    def step_params(self) -> list[torch.Tensor]:
+        """The tensors whose ``.grad`` unscale and clipping act on."""
+        return [f.shard for u in self.units for f in u.flats]
+
+    @property
+    def replicated(self) -> bool:
+        return False
+
+    # ---------------------------------------------------------------- gathers
+    def _start_gather(self, unit: Unit) -> None:
+        if unit.gathered or unit.pending is not None:
+            return
+        if self.stage == 3:
+            for f in unit.flats:
+                f.allocate()
+        if self.hvd is None:  # one rank: the shard is the whole buffer
+            if self.stage == 3:
+                for f in unit.flats:
+                    f.full.data.copy_(f.shard)
+            unit.gathered = True
+            return
+        unit.pending = self.hvd.grouped_allgather_async([f.shard for f in unit.flats],
+                                                        name=f"hpcllm.zero.ag.{unit.name}",
+                                                        process_set=self.process_set)
+
+    def _wait_gather(self, unit: Unit) -> None:
+        if unit.gathered:
+            return
+        if unit.pending is None:
+            self._start_gather(unit)
+            if unit.gathered:
+                return
+        from hpcllm.parallel.data_parallel import wait_handle
+
+        t0 = time.perf_counter()
+        with self.groups.waiting(f"the ZeRO parameter all-gather of {unit.name}"):
+            wait_handle(self.hvd, unit.pending)
+            outs = self.hvd.synchronize(unit.pending)
+        for f, out in zip(unit.flats, outs):
+            # .data: a write autograd does not count against the views it saved for backward
+            f.full.data.copy_(out)
+        unit.pending = None
+        unit.gathered = True
+        self.ag_wait_s += time.perf_counter() - t0
+
+    def _free(self, unit: Unit) -> None:
+        if self.stage == 3 and unit.gathered:
+            for f in unit.flats:
+                f.free()
+            unit.gathered = False
+
+    def _neighbour(self, unit: Unit, step: int) -> Unit | None:
+        i = self.units.index(unit) + step
+        if 0 <= i < len(self.units) and self.units[i].name != "root":
+            return self.units[i]
+        return None
+
+    def _before(self, unit: Unit):
+        def before():
+            self._wait_gather(unit)
+            if self.stage == 3:
+                nxt = self._neighbour(unit, 1)
+                if nxt is not None:
+                    self._start_gather(nxt)
+        return before
+
+    def _after(self, unit: Unit):
+        def after(out):
+            if self.stage != 3:
+                return out
+            if unit.name == "root":
+                if not torch.is_grad_enabled():  # evaluation: nothing will come back for it
+                    self._free(unit)
+                return out
+            self._free(unit)
+            if torch.is_grad_enabled() and torch.is_tensor(out) and out.requires_grad:
+                out.register_hook(self._pre_backward(unit))
+            return out
+        return after
+
+    def _pre_backward(self, unit: Unit):
+        def hook(grad):
+            self._wait_gather(unit)
+            prev = self._neighbour(unit, -1)
+            if prev is not None:
+                self._start_gather(prev)
+            return grad
+        return hook
+
+    # ---------------------------------------------------------------- gradients
+    @contextlib.contextmanager
+    def overlap(self):
+        """Wrap the step's last backward pass: a unit's reduce-scatter starts when its last
+        gradient has accumulated."""
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+            self.started_in_backward = len(self.rs_inflight)
+            self.done_in_backward = (sum(1 for h, *_ in self.rs_inflight.values() if h is None or self.hvd.poll(h))
+                                     if self.hvd is not None else self.started_in_backward)
+
+    def _grad_hook(self, unit: Unit):
+        def hook(p):
+            unit.seen += 1
+            if unit.seen < unit.n_params:
+                return
+            unit.seen = 0
+            if self.armed:
+                self._start_reduce(unit)
+            self._free(unit)  # stage 3: every use of the unit's parameters is behind us
+        return hook
+
+    def _start_reduce(self, unit: Unit) -> None:
+        if unit.name in self.rs_inflight:
+            raise RuntimeError(f"gradients of {unit.name} accumulated twice in the last backward pass")
+        flats = []
+        for f in unit.flats:
+            if self.stage == 1:
+                flats.append(f.grad_full)
+                continue
+            parts = []
+            for p in f.params:
+                g = p.grad
+                parts.append(g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=self.device))
+                p.grad = None  # only the shard is kept
+            if f.padded > f.numel:
+                parts.append(torch.zeros(f.padded - f.numel, device=self.device))
+            flats.append(torch.cat(parts).float())
+        if self.hvd is None:
+            self.rs_inflight[unit.name] = (None, unit, flats, None)
+            return
+        wires, ctxs = zip(*(self.compression.compress(g) for g in flats))
+        handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}",
+                                                      op=self.hvd.Average, process_set=self.process_set)
+        self.rs_inflight[unit.name] = (handle, unit, list(wires), list(ctxs))
+
+    def finish(self) -> None:
+        """Every shard's ``.grad`` holds the layout's gradient (averaged over the dp group,
+        tied copies summed) when this returns."""
+        t0 = time.perf_counter()
+        for unit in self.units:  # units the hooks did not see (same order everywhere)
+            if unit.name not in self.rs_inflight and any(p.grad is not None for f in unit.flats for p in f.params):
+                self._start_reduce(unit)
+            unit.seen = 0
+        self.started = len(self.rs_inflight)
+        from hpcllm.parallel.data_parallel import wait_handle
+
+        with self.groups.waiting("the ZeRO gradient reduce-scatter"):
+            for handle, unit, wires, ctxs in self.rs_inflight.values():
+                if handle is None:
+                    outs = wires
+                else:
+                    wait_handle(self.hvd, handle)
+                    outs = [self.compression.decompress(o, c) for o, c in zip(self.hvd.synchronize(handle), ctxs)]
+                for f, out in zip(unit.flats, outs):
+                    if self.stage == 1:
+                        if out is not f.grad_full:
+                            f.grad_full[f.lo:f.hi].copy_(out)
+                    else:
+                        f.shard.grad = out.float() if out.dtype != torch.float32 else out
+        self.rs_inflight.clear()
+        self.rs_wait_s = time.perf_counter() - t0
+        if self.tied is not None:
+            with self.groups.waiting("the tied-embedding gradient sum"):
+                self._sum_tied()
+        self.wait_s = time.perf_counter() - t0
+
+    def _sum_tied(self) -> None:
+        from mpi4py import MPI
+
+        for u in self.units:
+            for f in u.flats:
+                if f.kind != "tied":
+                    continue
+                if f.shard.grad is None:
+                    f.shard.grad = torch.zeros_like(f.shard)
+                g = f.shard.grad
+                host = g if g.device.type == "cpu" else g.cpu()
+                self.groups.tie.Allreduce(MPI.IN_PLACE, host.detach().numpy(), op=MPI.SUM)
+                if host is not g:
+                    g.copy_(host)
+
+    @torch.no_grad()
+    def norm_sq(self) -> float:
+        grads = [f.shard.grad for u in self.units for f in u.flats
+                 if f.shard.grad is not None and not (f.kind == "tied" and self.duplicate)]
+        if not grads:
+            return 0.0
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+        return float(norm.double() ** 2)
+
+    def overlap_shares(self) -> tuple[float, float]:
+        if not self.started or self.hvd is None:
+            return 0.0, 0.0
+        return self.started_in_backward / self.started, self.done_in_backward / self.started
+
+    # ---------------------------------------------------------------- after the step
+    def after_step(self) -> None:
+        """Stages 1 and 2: start refilling the full buffers from the updated shards."""
+        self.last_ag_s, self.ag_wait_s = self.ag_wait_s, 0.0
+        if self.stage == 3 or self.hvd is None:
+            return
+        for unit in self.units:
+            unit.gathered = False
+            self._start_gather(unit)
+
+    def zero_grad(self, optimizer) -> None:
+        if self.stage == 1:
+            for u in self.units:
+                for f in u.flats:
+                    f.grad_full.zero_()
+            return
+        for u in self.units:
+            for f in u.flats:
+                f.shard.grad = None
+                for p in f.params:
+                    p.grad = None
+
+    def drain(self) -> None:
+        """Complete every gather in flight (before evaluation by other code, a save, the end)."""
+        for unit in self.units:
+            if unit.pending is not None:
+                self._wait_gather(unit)
+
+    def comm_record(self) -> dict:
+        """Seconds the last step waited for its reduce-scatters and its all-gathers."""
+        return {"reduce_scatter_s": round(self.rs_wait_s, 6), "all_gather_s": round(self.last_ag_s, 6)}
+
+    def model_state_bytes(self, optimizer) -> int:
+        """Bytes of parameters, gradients and optimizer states this rank holds now (distinct
+        storages: the views into a flat buffer count once)."""
+        tensors = []
+        for u in self.units:
+            for f in u.flats:
+                tensors += [f.full, f.shard, f.grad_full, f.shard.grad]
+                tensors += [p.grad for p in f.params]
+        tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        return storage_bytes(tensors)
+
+    # ---------------------------------------------------------------- checkpoints
+    def shard_pieces(self, optimizer) -> dict:
+        """Each parameter piece this rank owns with its AdamW state (a checkpoint's ``zero-*.pt``)."""
+        pieces = {}
+        for u in self.units:
+            for f in u.flats:
+                if f.kind == "tied" and self.duplicate:  # stage 0 of the pipeline writes it
+                    continue
+                st = optimizer.state.get(f.shard, {})
+                for name, shape, a, b, sa, sb in f.pieces():
+                    rec = {"shape": list(shape), "start": a, "stop": b,
+                           "value": f.shard[sa:sb].detach().cpu().clone()}
+                    for k in ("exp_avg", "exp_avg_sq"):
+                        if k in st:
+                            rec[k] = st[k][sa:sb].detach().cpu().clone()
+                    if "step" in st:
+                        rec["step"] = st["step"].detach().cpu().clone()
+                    pieces[name] = rec
+        return pieces
+
+    def load(self, reader) -> dict:
+        """This rank's shards (and, stages 1-2, full buffers) from any checkpoint's
+        ``reader`` (a :class:`~hpcllm.train.checkpoint.CheckpointReader`), one unit at a time;
+        returns the shards' AdamW states by :meth:`optimizer_params` name."""
+        states = {}
+        for u in self.units:
+            names = [n for f in u.flats for n in f.names]
+            values = reader.model_state(names)
+            optim = reader.optim_state(names)
+            for f in u.flats:
+                flat = torch.zeros(f.padded, dtype=torch.float32)
+                ea, eas = torch.zeros(f.padded), torch.zeros(f.padded)
+                have, step = 0, None
+                for name, shape, o, k in zip(f.names, f.shapes, f.offsets, f.numels):
+                    v = values[name]
+                    if tuple(v.shape) != shape:
+                        raise HpcllmError(f"{reader.dir}: {name} has shape {tuple(v.shape)}, the model {shape}")
+                    flat[o:o + k] = v.reshape(-1).float()
+                    s = optim.get(name)
+                    if s and "exp_avg" in s:
+                        ea[o:o + k] = s["exp_avg"].reshape(-1).float()
+                        eas[o:o + k] = s["exp_avg_sq"].reshape(-1).float()
+                        step = s.get("step", step)
+                        have += 1
+                with torch.no_grad():
+                    f.shard.copy_(flat[f.lo:f.hi])
+                    if self.stage != 3:
+                        f.full.copy_(flat.to(f.full.device))
+                if have:
+                    if have != len(f.names):
+                        raise HpcllmError(f"{reader.dir}: optimizer state for only {have} of the {len(f.names)} "
+                                          f"parameters of {f.key} (a damaged checkpoint)")
+                    states[f"zero.{f.key}"] = {"step": step if torch.is_tensor(step) else torch.tensor(float(step)),
+                                               "exp_avg": ea[f.lo:f.hi].clone(),
+                                               "exp_avg_sq": eas[f.lo:f.hi].clone()}
+        return states
