@@ -32,6 +32,16 @@ import time
 import torch
 
 
+def squares(grads) -> float:
+    """Sum of the squares of every element of ``grads``, accumulated in float64: the global
+    norm (hence the clipping factor) then does not depend on how the elements are split into
+    tensors (per parameter, ZeRO shards), and every layout clips alike."""
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+    return float(torch.stack(norms).square().sum())
+
+
 class GradSync:
     """``named_params``: this rank's (full-model-named) parameters; ``groups`` a
     :class:`~hpcllm.parallel.groups.ParallelGroups`; ``tied``: the name of this rank's copy of a
@@ -132,10 +142,7 @@ class GradSync:
     def norm_sq(self) -> float:
         """This rank's share of the squared global gradient norm (see the module doc)."""
         grads = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate]
-        if not grads:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-        return float(norm.double() ** 2) / self.dp_size
+        return squares(grads) / self.dp_size
 
     # ---- the interface ZeroSync shares (the trainer calls these whatever the stage)
     @property

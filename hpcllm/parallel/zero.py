@@ -44,14 +44,22 @@ tests and a replicated-on-1 resume use it).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 
 import torch
 
 from hpcllm.errors import HpcllmError
+from hpcllm.parallel.grad_sync import squares
 
 #: Horovod's MPI path counts elements in 32 bits
 MAX_CALL_ELEMENTS = 2 ** 31 - 1
+#: test hook "K,RANK": SIGKILL rank RANK as it starts its K-th reduce-scatter (1-based), so a
+#: test can check that a rank dying inside a reduce-scatter ends the job in bounded time
+KILL_ENV = "HPCLLM_TEST_KILL_IN_REDUCE_SCATTER"
+#: parameter offsets in a flat buffer are multiples of this many elements (64 bytes of fp32)
+ALIGN = 16
 
 
 class Flat:
@@ -64,20 +72,27 @@ class Flat:
         self.names = [nm for nm, _ in named]
         self.shapes = [tuple(p.shape) for _, p in named]
         self.numels = [p.numel() for _, p in named]
+        # each parameter starts on a 64-byte boundary: matmul kernels round differently on
+        # unaligned data, and ZeRO must compute what the replicated run computes
         self.offsets, total = [], 0
         for k in self.numels:
             self.offsets.append(total)
-            total += k
-        self.numel = total
+            total += -(-k // ALIGN) * ALIGN
+        self.numel = sum(self.numels)
         self.padded = -(-total // n) * n
         if self.padded > MAX_CALL_ELEMENTS:
-            raise HpcllmError(f"--zero-stage: unit {unit} holds {total} {kind} parameters, more than a Horovod "
+            raise HpcllmError(f"--zero-stage: unit {unit} holds {self.numel} {kind} parameters, more than a Horovod "
                               f"collective can move in one call (2^31 - 1 elements)")
         size = self.padded // n
         self.lo, self.hi = rank * size, (rank + 1) * size
         self.full = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.params: list[torch.nn.Parameter] = []
-        self.shard: torch.Tensor | None = None      # what the optimizer steps
+        self.shard: torch.Tensor | None = None      # this rank's range of the buffer
+        #: what the optimizer steps: one view of the shard per parameter piece, so that with one
+        #: rank each is the whole parameter and AdamW computes bit for bit what it computes
+        #: replicated (its kernels round a tensor's tail differently from its body)
+        self.piece_names: list[str] = []
+        self.piece_tensors: list[torch.Tensor] = []
         self.grad_full: torch.Tensor | None = None  # stage 1: the full gradient buffer
 
     def view(self, i: int) -> torch.Tensor:
@@ -183,6 +198,10 @@ class ZeroSync:
         self.rs_inflight: dict[str, tuple] = {}
         self.started_in_backward = self.done_in_backward = self.started = 0
         self.wait_s = self.rs_wait_s = self.ag_wait_s = self.last_ag_s = 0.0
+        self.reduces = 0
+        kill = os.environ.get(KILL_ENV, "")
+        at, _, who = kill.partition(",")
+        self.kill_at = int(at) if kill and int(who or 0) == groups.rank else None
         self._build(module, blocks, init_fn)
 
     # ---------------------------------------------------------------- construction
@@ -226,12 +245,15 @@ class ZeroSync:
                     flat.shard = flat.full[flat.lo:flat.hi].clone()
                 else:
                     flat.shard = flat.full[flat.lo:flat.hi]
+                for name, _, a, b, sa, sb in flat.pieces():
+                    flat.piece_names.append(f"{name}[{a}:{b}]")
+                    flat.piece_tensors.append(flat.shard[sa:sb])
                 if self.stage == 1:
                     flat.grad_full = torch.zeros_like(flat.full)
                     for i, p in enumerate(flat.params):
                         o = flat.offsets[i]
                         p.grad = flat.grad_full[o:o + flat.numels[i]].view(flat.shapes[i])
-                    flat.shard.grad = flat.grad_full[flat.lo:flat.hi]
+                    self._set_shard_grad(flat, flat.grad_full[flat.lo:flat.hi])
                 unit.flats.append(flat)
             unit.n_params = sum(len(f.params) for f in unit.flats)
             for f in unit.flats:
@@ -250,15 +272,22 @@ class ZeroSync:
 
     # ---------------------------------------------------------------- what the trainer asks
     def optimizer_params(self):
-        """(name, tensor) pairs the optimizer steps: one shard per flat buffer."""
-        return [(f"zero.{f.key}", f.shard) for u in self.units for f in u.flats]
+        """(name, tensor) pairs the optimizer steps: ``NAME[start:stop]``, this rank's piece
+        of each parameter (a view of its shard)."""
+        return [pair for u in self.units for f in u.flats for pair in zip(f.piece_names, f.piece_tensors)]
 
     def decay_names(self) -> set[str]:
-        return {f"zero.{f.key}" for u in self.units for f in u.flats if f.kind != "no_decay"}
+        return {n for u in self.units for f in u.flats if f.kind != "no_decay" for n in f.piece_names}
 
     def step_params(self) -> list[torch.Tensor]:
         """The tensors whose ``.grad`` unscale and clipping act on."""
-        return [f.shard for u in self.units for f in u.flats]
+        return [t for u in self.units for f in u.flats for t in f.piece_tensors]
+
+    @staticmethod
+    def _set_shard_grad(f: Flat, grad) -> None:
+        f.shard.grad = grad
+        for t, (_, _, _, _, sa, sb) in zip(f.piece_tensors, f.pieces()):
+            t.grad = None if grad is None else grad[sa:sb]
 
     @property
     def replicated(self) -> bool:
@@ -378,20 +407,23 @@ class ZeroSync:
             if self.stage == 1:
                 flats.append(f.grad_full)
                 continue
-            parts = []
-            for p in f.params:
-                g = p.grad
-                parts.append(g.reshape(-1) if g is not None else torch.zeros(p.numel(), device=self.device))
+            flat = torch.zeros(f.padded, dtype=torch.float32, device=self.device)
+            for i, p in enumerate(f.params):
+                if p.grad is not None:
+                    o = f.offsets[i]
+                    flat[o:o + f.numels[i]].view(f.shapes[i]).copy_(p.grad)
                 p.grad = None  # only the shard is kept
-            if f.padded > f.numel:
-                parts.append(torch.zeros(f.padded - f.numel, device=self.device))
-            flats.append(torch.cat(parts).float())
+            flats.append(flat)
         if self.hvd is None:
             self.rs_inflight[unit.name] = (None, unit, flats, None)
             return
         wires, ctxs = zip(*(self.compression.compress(g) for g in flats))
         handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}",
                                                       op=self.hvd.Average, process_set=self.process_set)
+        self.reduces += 1
+        if self.reduces == self.kill_at:  # the test hook: die with the collective under way
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
         self.rs_inflight[unit.name] = (handle, unit, list(wires), list(ctxs))
 
     def finish(self) -> None:
@@ -417,7 +449,7 @@ class ZeroSync:
                         if out is not f.grad_full:
                             f.grad_full[f.lo:f.hi].copy_(out)
                     else:
-                        f.shard.grad = out.float() if out.dtype != torch.float32 else out
+                        self._set_shard_grad(f, out.float() if out.dtype != torch.float32 else out)
         self.rs_inflight.clear()
         self.rs_wait_s = time.perf_counter() - t0
         if self.tied is not None:
@@ -433,7 +465,7 @@ class ZeroSync:
                 if f.kind != "tied":
                     continue
                 if f.shard.grad is None:
-                    f.shard.grad = torch.zeros_like(f.shard)
+                    self._set_shard_grad(f, torch.zeros_like(f.shard))
                 g = f.shard.grad
                 host = g if g.device.type == "cpu" else g.cpu()
                 self.groups.tie.Allreduce(MPI.IN_PLACE, host.detach().numpy(), op=MPI.SUM)
@@ -444,10 +476,7 @@ class ZeroSync:
     def norm_sq(self) -> float:
         grads = [f.shard.grad for u in self.units for f in u.flats
                  if f.shard.grad is not None and not (f.kind == "tied" and self.duplicate)]
-        if not grads:
-            return 0.0
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-        return float(norm.double() ** 2)
+        return squares(grads)
 
     def overlap_shares(self) -> tuple[float, float]:
         if not self.started or self.hvd is None:
@@ -472,7 +501,7 @@ class ZeroSync:
             return
         for u in self.units:
             for f in u.flats:
-                f.shard.grad = None
+                self._set_shard_grad(f, None)
                 for p in f.params:
                     p.grad = None
 
@@ -505,13 +534,12 @@ class ZeroSync:
             for f in u.flats:
                 if f.kind == "tied" and self.duplicate:  # stage 0 of the pipeline writes it
                     continue
-                st = optimizer.state.get(f.shard, {})
-                for name, shape, a, b, sa, sb in f.pieces():
-                    rec = {"shape": list(shape), "start": a, "stop": b,
-                           "value": f.shard[sa:sb].detach().cpu().clone()}
+                for t, (name, shape, a, b, sa, sb) in zip(f.piece_tensors, f.pieces()):
+                    st = optimizer.state.get(t, {})
+                    rec = {"shape": list(shape), "start": a, "stop": b, "value": t.detach().cpu().clone()}
                     for k in ("exp_avg", "exp_avg_sq"):
                         if k in st:
-                            rec[k] = st[k][sa:sb].detach().cpu().clone()
+                            rec[k] = st[k].detach().cpu().clone()
                     if "step" in st:
                         rec["step"] = st["step"].detach().cpu().clone()
                     pieces[name] = rec
@@ -549,7 +577,8 @@ class ZeroSync:
                     if have != len(f.names):
                         raise HpcllmError(f"{reader.dir}: optimizer state for only {have} of the {len(f.names)} "
                                           f"parameters of {f.key} (a damaged checkpoint)")
-                    states[f"zero.{f.key}"] = {"step": step if torch.is_tensor(step) else torch.tensor(float(step)),
-                                               "exp_avg": ea[f.lo:f.hi].clone(),
-                                               "exp_avg_sq": eas[f.lo:f.hi].clone()}
+                    step = step if torch.is_tensor(step) else torch.tensor(float(step))
+                    for pname, (_, _, _, _, sa, sb) in zip(f.piece_names, f.pieces()):
+                        states[pname] = {"step": step.clone(), "exp_avg": ea[f.lo + sa:f.lo + sb].clone(),
+                                         "exp_avg_sq": eas[f.lo + sa:f.lo + sb].clone()}
         return states
