@@ -115,7 +115,8 @@ class ParallelConfig:
                                          "yielding hpcllm sets, 0.1, 0.5 and 2 ms were within noise: "
                                          "benchmarks/train.py).", range=POSITIVE)
     hierarchical_allreduce: bool = opt(False, "Allreduce within nodes, then across nodes "
-                                       "(HOROVOD_HIERARCHICAL_ALLREDUCE).")
+                                       "(HOROVOD_HIERARCHICAL_ALLREDUCE; with --zero-stage also the "
+                                       "parameter all-gathers, HOROVOD_HIERARCHICAL_ALLGATHER).")
     timeline: Optional[str] = opt(None, "Write a Horovod timeline (Chrome trace JSON) to this path.")
     stall_check_s: float = opt(60.0, "Warn when a rank has waited this many seconds for the others in a collective.", range=AT_LEAST_1)
     stall_shutdown_s: float = opt(120.0, "End the job when a rank waits this long for the others in a collective "

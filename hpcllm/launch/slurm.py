@@ -267,7 +267,7 @@ def train_command_args(job: TrainJob, profile: Profile) -> tuple[list[str], dict
         if knob == "fusion_threshold_mb":
             hvd_env[var] = str(int(float(value) * 1024 * 1024))
         elif knob == "hierarchical_allreduce":
-            hvd_env[var] = "1" if value else "0"
+            hvd_env[var] = hvd_env["HOROVOD_HIERARCHICAL_ALLGATHER"] = "1" if value else "0"
         elif isinstance(value, float) and value.is_integer():
             hvd_env[var] = str(int(value))  # Horovod parses the seconds knobs as integers
         else:

@@ -59,6 +59,9 @@ def horovod_env(pcfg) -> dict:
         "HOROVOD_FUSION_THRESHOLD": str(int(pcfg.fusion_threshold_mb * 1024 * 1024)),
         "HOROVOD_CYCLE_TIME": f"{cycle:g}",
         "HOROVOD_HIERARCHICAL_ALLREDUCE": "1" if pcfg.hierarchical_allreduce else "0",
+        # ZeRO's parameter all-gathers follow the same choice (Horovod 0.28 has no hierarchical
+        # reduce-scatter: that one is flat over the process set)
+        "HOROVOD_HIERARCHICAL_ALLGATHER": "1" if pcfg.hierarchical_allreduce else "0",
         # A rank that died or hangs leaves the others waiting in a collective: warn after
         # stall_check_s and shut the job down after stall_shutdown_s, so it never hangs silently.
         "HOROVOD_STALL_CHECK_TIME_SECONDS": f"{int(pcfg.stall_check_s)}",

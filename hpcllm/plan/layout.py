@@ -78,6 +78,7 @@ class Layout:
     """Model FLOPs utilisation of the whole step (6N-style FLOPs / (devices * peak * time))."""
     fits: bool
     stage_layers: list = field(default_factory=list)
+    zero_stage: int = 0
 
     @property
     def global_batch(self) -> int:
@@ -132,6 +133,10 @@ def step_time(shape: Shape, setup: Setup, cluster: Cluster, mfu: float) -> StepT
     n_stage = max(c * shape.block_params + (shape.embed_params if i == 0 else 0)
                   + (shape.head_params if i == P - 1 else 0) for i, c in enumerate(counts))
     ar = allreduce_time(4.0 * n_stage, cluster, P, setup.data_parallel)
+    if setup.zero_stage >= 3:
+        # reduce-scatter + all-gather move an allreduce's bytes; stage 3 gathers once more
+        # (forward and backward), half an allreduce again
+        ar *= 1.5
     return StepTime(compute=compute, bubble=bubble, p2p=p2p, allreduce=ar,
                     total=compute + bubble + p2p + ar)
 
@@ -151,13 +156,13 @@ def evaluate(shape: Shape, setup: Setup, cluster: Cluster, mfu: float | None = N
                   micro_batch=setup.micro_batch, microbatches=setup.microbatches, recompute=setup.recompute,
                   schedule=setup.schedule, memory=mem, time=t, tokens_per_s=tokens / t.total, mfu=achieved,
                   fits=mem.total <= cluster.capacity(),
-                  stage_layers=stage_layers(shape, setup.pipeline_stages))
+                  stage_layers=stage_layers(shape, setup.pipeline_stages), zero_stage=setup.zero_stage)
 
 
 def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "bf16",
            optimizer: str = "adamw", schedule: str = "1f1b", mfu: float | None = None,
            max_micro_batch: int = 64, recompute: tuple[bool, ...] = (False, True),
-           fusion_bytes: int | None = None) -> list[Layout]:
+           fusion_bytes: int | None = None, zero: tuple[int, ...] = (0, 1, 2, 3)) -> list[Layout]:
     """Every layout for the cluster and global batch, fastest fitting ones first."""
     if cluster.nodes < 1 or cluster.devices_per_node < 1:
         raise HpcllmError("--nodes and --devices-per-node must be >= 1")
@@ -183,14 +188,18 @@ def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "
                 if rc and P == 1:
                     continue  # hpcllm's trainer recomputes activations in pipeline mode only
                 kw = {} if fusion_bytes is None else {"fusion_bytes": fusion_bytes}
-                setup = Setup(micro_batch=b, precision=precision, optimizer=optimizer, pipeline_stages=P,
-                              data_parallel=D, microbatches=M, recompute=rc, schedule=schedule, **kw)
-                out.append(evaluate(shape, setup, cluster, mfu))
+                for z in zero:
+                    if z and (D == 1 or (z == 3 and P > 1)):
+                        continue  # nothing to shard / refused by the trainer
+                    setup = Setup(micro_batch=b, precision=precision, optimizer=optimizer, pipeline_stages=P,
+                                  data_parallel=D, microbatches=M, recompute=rc, schedule=schedule,
+                                  zero_stage=z, **kw)
+                    out.append(evaluate(shape, setup, cluster, mfu))
     if not out:
         raise HpcllmError(f"no layout: global batch {global_batch} is not divisible by any data-parallel "
                           f"size of {world} devices with <= {shape.n_layer} pipeline stages")
     # fitting layouts first, fastest first; among equals fewer stages, no recomputation;
     # then the ones that do not fit, smallest first (how far off they are)
-    out.sort(key=lambda L: (0, -L.tokens_per_s, L.pipeline_stages, L.recompute, -L.micro_batch) if L.fits
-             else (1, L.memory.total, 0, 0, 0))
+    out.sort(key=lambda L: (0, -L.tokens_per_s, L.pipeline_stages, L.recompute, L.zero_stage, -L.micro_batch)
+             if L.fits else (1, L.memory.total, 0, 0, 0, 0))
     return out

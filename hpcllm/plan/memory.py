@@ -29,6 +29,16 @@ Per parameter: fp32 weights 4 B + fp32 gradients 4 B + AdamW moments 8 B = 16 B;
 autocast the 16-bit copies of the matmul weights made in the forward pass add 2 B (18 B). So
 1B parameters in fp32 take 4 GB of weights (and 16 GB with gradients and AdamW).
 
+ZeRO (``--zero-stage``, over the D data-parallel ranks): the model state per rank at the
+optimizer step is 16 B/parameter replicated, ``4 + 4 + 8/D`` with stage 1 (optimizer states
+sharded), ``4 + 12/D`` with stage 2 (gradients too) and ``16/D`` with stage 3 (parameters
+too) (:func:`model_state_bytes`). On top come ZeRO's working buffers: stage 2-3 a unit's
+gradients and their flat copy while its reduce-scatter runs (two blocks' worth), and with
+accumulation the whole gradients until the last micro-batch (reduced once per step); stage 3
+the gathered parameters (the root unit, embeddings and head, for the whole step, plus the
+current and the prefetched block). Under autocast the 16-bit weight copies stay whole in
+every stage (they are kept for the backward pass).
+
 The peak of a step is the larger of two phases: forward/backward (weights, optimizer state,
 gradients, 16-bit weight copies, the activations of every micro-batch in flight, backward
 temporaries) and the optimizer step (weights, gradients, optimizer state and the temporaries
@@ -45,6 +55,7 @@ from hpcllm.plan.devices import DeviceProfile
 MiB = 1024**2
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+ZERO_STAGES = (0, 1, 2, 3)
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("1f1b", "gpipe", "zbh1")
 
@@ -113,6 +124,8 @@ class Setup:
     """False: the attention probabilities are materialised (a*s^2*b per layer). None: as
     hpcllm's model runs on the device (:func:`model_uses_flash_attention`)."""
     fusion_bytes: int = DEFAULT_FUSION_BYTES
+    zero_stage: int = 0
+    """ZeRO stage over the data-parallel ranks (0: replicated)."""
 
     def check(self, shape: Shape) -> None:
         if self.precision not in PRECISIONS:
@@ -124,6 +137,10 @@ class Setup:
         for name in ("micro_batch", "pipeline_stages", "data_parallel", "microbatches"):
             if getattr(self, name) < 1:
                 raise HpcllmError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.zero_stage not in ZERO_STAGES:
+            raise HpcllmError(f"--zero-stage {self.zero_stage}: choose 0, 1, 2 or 3")
+        if self.zero_stage == 3 and self.pipeline_stages > 1:
+            raise HpcllmError("--zero-stage 3 does not combine with pipeline stages")
         if self.pipeline_stages > shape.n_layer:
             raise HpcllmError(f"--pipeline-stages {self.pipeline_stages}: the model has only "
                               f"{shape.n_layer} layers")
@@ -157,6 +174,11 @@ class MemoryBreakdown:
     phase: str
     """Where the peak falls: 'backward' or 'optimizer'."""
     per_stage_total: list = field(default_factory=list)
+    zero_buffers: int = 0
+    """ZeRO: gathered parameters and gradient buckets in flight (stage 2-3), accumulated
+    whole gradients (stage 2-3 with more than one micro-batch)."""
+    model_state: int = 0
+    """Parameters + gradients + optimizer states at the optimizer step (ZeRO-sharded)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -165,8 +187,19 @@ class MemoryBreakdown:
         return [("parameters", self.params), ("gradients", self.grads), ("optimizer states", self.optimizer),
                 ("16-bit weight copies", self.weight_copies),
                 (f"activations ({self.inflight} micro-batch{'es' if self.inflight != 1 else ''})", self.activations),
-                (f"temporaries ({self.phase})", self.working), ("communication buffers", self.comm_buffers),
+                (f"temporaries ({self.phase})", self.working), ("ZeRO buffers", self.zero_buffers),
+                ("communication buffers", self.comm_buffers),
                 ("framework overhead", self.overhead), ("allocator slack", self.allocator_slack)]
+
+
+def model_state_bytes(n: int, zero_stage: int = 0, dp: int = 1, optimizer: str = "adamw") -> int:
+    """Bytes of parameters, gradients and optimizer states one rank holds at the optimizer
+    step, for ``n`` parameters (fp32) sharded by ``zero_stage`` over ``dp`` ranks."""
+    d = max(1, dp) if zero_stage else 1
+    per_param_state = {"adamw": 8, "sgd": 4}[optimizer]
+    weights = 4 * n / d if zero_stage >= 3 else 4 * n
+    grads = 4 * n / d if zero_stage >= 2 else 4 * n
+    return int(round(weights + grads + per_param_state * n / d))
 
 
 def bytes_per_element(precision: str) -> tuple[int, int]:
@@ -256,9 +289,26 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     n = layers * shape.block_params + (shape.embed_params if first else 0) + (shape.head_params if last else 0)
     if first and last:
         n -= shape.vocab * shape.d_model  # one model: the head is tied to the embedding
-    weights = 4 * n
-    grads = 4 * n
-    optimizer = {"adamw": 8, "sgd": 4}[setup.optimizer] * n
+    Z, D = setup.zero_stage, setup.data_parallel
+    shard = D if Z else 1
+    weights = 4 * n // shard if Z >= 3 else 4 * n
+    grads = 4 * n // shard if Z >= 2 else 4 * n
+    optimizer = {"adamw": 8, "sgd": 4}[setup.optimizer] * n // shard
+    zero_buffers = 0
+    if Z >= 2:
+        # a unit's gradients and their flat copy while it is reduce-scattered; with
+        # accumulation the whole gradients until the last micro-batch's backward
+        zero_buffers += 2 * 4 * shape.block_params
+        if setup.microbatches > 1:
+            zero_buffers += 4 * n - grads
+    if Z >= 3:
+        # the root unit stays gathered through the step; the current and the prefetched block
+        root = (shape.embed_params if first else 0) + (shape.head_params if last else 0)
+        if first and last:
+            root -= shape.vocab * shape.d_model
+        zero_buffers += 4 * root + 2 * 4 * shape.block_params
+    elif Z >= 1:
+        zero_buffers += 4 * shape.block_params  # one unit's all-gather output before it is copied in
     # autocast casts every matmul weight (blocks' linears and the head) to 16 bits once per
     # forward and keeps the copies for the backward pass
     mm_params = layers * shape.block_params + (shape.vocab * shape.d_model if last else 0)
@@ -274,16 +324,16 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     if setup.optimizer != "adamw":
         optim_tmp = 0
     elif device.kind == "gpu":
-        optim_tmp = 4 * n  # multi-tensor AdamW: sqrt(v) of all parameters at once
+        optim_tmp = 4 * n // shard  # multi-tensor AdamW: sqrt(v) of all (its) parameters at once
     else:
         # single-tensor AdamW on CPUs: sqrt(v) and sqrt(v)/c of the largest tensor
         largest = max(4 * shape.d_model * shape.d_model if layers else 0,
                       shape.vocab * shape.d_model if (first or last) else 0)
-        optim_tmp = 2 * 4 * largest
+        optim_tmp = 2 * 4 * largest // shard
     comm = setup.fusion_bytes if setup.data_parallel > 1 else 0
     if P > 1:
         comm += 2 * P2P_SLOTS * shape.seq_len * setup.micro_batch * shape.d_model * 4
-    fwd_bwd = weights + grads + optimizer + copies + activations + backward_tmp
+    fwd_bwd = weights + grads + optimizer + copies + activations + backward_tmp + zero_buffers
     opt_step = weights + grads + optimizer + optim_tmp
     phase, working = ("backward", backward_tmp) if fwd_bwd >= opt_step else ("optimizer", optim_tmp)
     if phase == "optimizer":
@@ -300,7 +350,9 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     return MemoryBreakdown(stage=stage, layers=layers, params_count=n, params=weights, grads=grads,
                            optimizer=optimizer, weight_copies=copies, activations=activations,
                            inflight=inflight, working=working, comm_buffers=comm,
-                           overhead=device.overhead_bytes, allocator_slack=slack, total=total, phase=phase)
+                           overhead=device.overhead_bytes, allocator_slack=slack, total=total, phase=phase,
+                           zero_buffers=zero_buffers if phase == "backward" else 0,
+                           model_state=weights + grads + optimizer)
 
 
 def memory_per_device(shape: Shape, setup: Setup, device: DeviceProfile) -> MemoryBreakdown:

@@ -52,6 +52,8 @@ class PlanRequest:
     pipeline_stages: int | None = None
     micro_batch: int | None = None
     recompute: bool | None = None
+    zero_stage: int | None = None
+    """Only layouts with this ZeRO stage [default: search 0-3]."""
     top: int = 8
     slurm_profile: str | None = None
     """Cluster profile for --emit-slurm [default: "default" for GPUs, "cpu" for CPUs]."""
@@ -118,6 +120,8 @@ def slurm_train_args(layout: Layout, cluster: Cluster, model: str, seq_len: int,
     args += ["--model", model, "--seq-len", str(seq_len), "--data", data, "--out", out,
              "--steps", str(steps), "--precision", precision,
              "--micro-batch", str(layout.micro_batch), "--accum", str(layout.microbatches)]
+    if layout.zero_stage:
+        args += ["--zero-stage", str(layout.zero_stage)]
     if layout.pipeline_stages > 1:
         args += ["--pipeline-stages", str(layout.pipeline_stages), "--schedule", layout.schedule]
         if layout.recompute:
@@ -200,7 +204,8 @@ def make_plan(req: PlanRequest) -> dict:
     gb = req.global_batch if req.global_batch is not None else default_global_batch(cluster, cfg.seq_len)
     rc = (False, True) if req.recompute is None else (req.recompute,)
     layouts = search(shape, cluster, gb, precision=req.precision, optimizer=req.optimizer,
-                     schedule=req.schedule, mfu=mfu, recompute=rc)
+                     schedule=req.schedule, mfu=mfu, recompute=rc,
+                     zero=(0, 1, 2, 3) if req.zero_stage is None else (req.zero_stage,))
     if req.pipeline_stages is not None:
         layouts = [L for L in layouts if L.pipeline_stages == req.pipeline_stages]
     if req.micro_batch is not None:

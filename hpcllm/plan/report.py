@@ -47,7 +47,7 @@ def layout_rows(layouts: list[dict]) -> list[list]:
     rows = []
     for L in layouts:
         m, t = L["memory"], L["time"]
-        rows.append([L["pipeline_stages"], L["data_parallel"], L["micro_batch"], L["microbatches"],
+        rows.append([L["pipeline_stages"], L["data_parallel"], L.get("zero_stage", 0), L["micro_batch"], L["microbatches"],
                      "yes" if L["recompute"] else "no", gib(m["total"]), "yes" if L["fits"] else "NO",
                      seconds(t["total"]), f"{100 * t['bubble'] / t['total']:.0f}%",
                      seconds(t["allreduce"]), si(L["tokens_per_s"]), f"{100 * L['mfu']:.0f}%"])
@@ -87,8 +87,8 @@ def format_plan(p: dict) -> str:
                f"({gib(dev['capacity_bytes'])} each), {p['precision']}, global batch {p['global_batch']} sequences "
                f"({si(p['global_batch_tokens'])} tokens), MFU {100 * p['mfu']:.0f}%: "
                f"{p['layouts_fitting']} of {p['layouts_considered']} fit")
-    out.append(table(["P", "D", "micro", "accum", "recomp", "memory", "fits", "step", "bubble", "allreduce",
-                      "tokens/s", "MFU"], layout_rows(p["layouts"]), "r" * 4 + "l" + "r" + "l" + "r" * 5))
+    out.append(table(["P", "D", "ZeRO", "micro", "accum", "recomp", "memory", "fits", "step", "bubble", "dp comm",
+                      "tokens/s", "MFU"], layout_rows(p["layouts"]), "r" * 5 + "l" + "r" + "l" + "r" * 5))
     best = p["recommended"]
     out.append("")
     if best is None:
@@ -97,7 +97,9 @@ def format_plan(p: dict) -> str:
                    "or a smaller model")
         return "\n".join(out)
     m = best["memory"]
-    out.append(f"recommended: P={best['pipeline_stages']} D={best['data_parallel']} micro-batch {best['micro_batch']} "
+    zs = best.get("zero_stage", 0)
+    out.append(f"recommended: P={best['pipeline_stages']} D={best['data_parallel']}{f' ZeRO-{zs}' if zs else ''} "
+               f"micro-batch {best['micro_batch']} "
                f"x {best['microbatches']}{' with recomputation' if best['recompute'] else ''}: "
                f"{seconds(best['time']['total'])}/step, {si(best['tokens_per_s'])} tokens/s, "
                f"{p['steps']} steps = {seconds(p['train_hours'] * 3600)}")
@@ -107,7 +109,8 @@ def format_plan(p: dict) -> str:
                                      ("optimizer states", m["optimizer"]),
                                      ("16-bit weight copies", m["weight_copies"]),
                                      (f"activations x{m['inflight']}", m["activations"]),
-                                     ("temporaries", m["working"]), ("communication buffers", m["comm_buffers"]),
+                                     ("temporaries", m["working"]), ("ZeRO buffers", m.get("zero_buffers", 0)),
+                                     ("communication buffers", m["comm_buffers"]),
                                      ("framework overhead", m["overhead"]),
                                      ("allocator slack", m["allocator_slack"]), ("total", m["total"])]]
     out.append(table(["", "bytes"], rows))

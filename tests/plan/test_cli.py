@@ -60,7 +60,7 @@ def test_json_compute_optimal_point_for_gopher_compute(plan_json):
     fitting = [L for L in p["layouts"] if L["fits"]]
     assert best["tokens_per_s"] == max(L["tokens_per_s"] for L in fitting)
     m = best["memory"]
-    parts = ["params", "grads", "optimizer", "weight_copies", "activations", "working", "comm_buffers",
+    parts = ["params", "grads", "optimizer", "weight_copies", "activations", "working", "zero_buffers", "comm_buffers",
              "overhead", "allocator_slack"]
     assert all(isinstance(m[k], int) for k in parts)
     assert m["total"] == sum(m[k] for k in parts)

@@ -62,9 +62,24 @@ def test_search_respects_batch_and_node_boundaries_and_recommends_the_fastest_fi
     assert all(not L.fits for L in layouts[len(fits):])
 
 
-def test_a_model_too_big_for_one_device_needs_pipeline_stages():
+def test_a_model_too_big_for_one_device_needs_pipeline_stages_or_zero():
     big = Shape.from_config(PRESETS["6.7B"])  # ~120 GB of fp32 weights, gradients and AdamW
     cl = Cluster(nodes=1, devices_per_node=8, device=get_profile("a100-80gb"))
+    replicated = search(big, cl, global_batch=64, zero=(0,))
+    assert not any(L.fits for L in replicated if L.pipeline_stages == 1)
+    assert replicated[0].fits and replicated[0].pipeline_stages >= 2
+    # sharding the model state over the 8 replicas fits it without stages
     layouts = search(big, cl, global_batch=64)
-    assert not any(L.fits for L in layouts if L.pipeline_stages == 1)
-    assert layouts[0].fits and layouts[0].pipeline_stages >= 2
+    assert not any(L.fits for L in layouts if L.pipeline_stages == 1 and L.zero_stage == 0)
+    assert any(L.fits for L in layouts if L.pipeline_stages == 1 and L.zero_stage == 3)
+
+
+def test_zero_model_state_formula_per_stage():
+    from hpcllm.plan.memory import model_state_bytes
+
+    n = 1000
+    assert model_state_bytes(n, 0, 4) == 16 * n
+    assert model_state_bytes(n, 1, 4) == (4 + 4 + 8 / 4) * n
+    assert model_state_bytes(n, 2, 4) == (4 + 12 / 4) * n
+    assert model_state_bytes(n, 3, 4) == 16 / 4 * n
+    assert model_state_bytes(n, 3, 1) == 16 * n  # one rank: nothing to shard
