@@ -49,11 +49,8 @@ def check_checkpoint(d: Path) -> int:
         if TIED in first and TIED in last and not torch.equal(first[TIED], last[TIED]):
             diff = (first[TIED] - last[TIED]).abs().max().item()
             raise HpcllmError(f"{d}: the first and last stage's tied embedding copies differ (max {diff:.3g})")
-    elif reader.version >= 2:
-        want = len(layout.get("bounds") or [None]) if P > 1 else 1
-        have = len(reader._model_files())
-        if have < want:
-            raise HpcllmError(f"{d}: {have} of the {want} model files of {reader.describe()}")
+    else:
+        reader.check_files()
     return P if P > 1 else 0
 
 

@@ -526,6 +526,23 @@ class CheckpointReader:
                               "(a shard file is missing)")
         return out.view(shape).to(map_location)
 
+    def check_files(self) -> None:
+        """Every tensor file the recorded layout wrote is present (version 2): one model file
+        per pipeline stage, or under ZeRO one shard file per rank."""
+        if self.version < 2:
+            return
+        lay = self.layout()
+        P = int(lay.get("pp", 1))
+        if lay.get("zero"):
+            want = [shard_file(s, r) for s in range(P) for r in range(int(lay.get("dp", 1)))]
+        else:
+            want = [model_file(s) for s in range(P)]
+        missing = [w for w in want if not (self.dir / w).is_file()]
+        if missing:
+            raise HpcllmError(f"{self.dir}: {self.describe()} is missing {', '.join(missing[:3])}"
+                              f"{' …' if len(missing) > 3 else ''} ({len(want) - len(missing)} of its {len(want)} "
+                              "tensor files are there)")
+
     def _file_parts(self) -> dict[str, dict]:
         """Each model file's tensors, opened once, memory-mapped (no tensor is read yet)."""
         if self._parts is None:

@@ -73,6 +73,7 @@ def prepare(cfg: TrainConfig) -> Plan:
         reader = ckpt.CheckpointReader(resume_dir)
         tstate = reader.trainer
         validate(tstate, ckpt.TRAINER_SCHEMA, str(resume_dir / "trainer.json"))
+        reader.check_files()
         check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
     return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0, reader)
 

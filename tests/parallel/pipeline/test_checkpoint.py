@@ -61,7 +61,7 @@ def test_resume_with_other_dp_and_partition_then_export(reference, pp_dataset, t
 
     # the CLI on a damaged checkpoint: a one-line error, not a traceback
     (ck / "model-00001.pt").unlink()
-    with pytest.raises(HpcllmError, match="1 of the 2 model files of a 2-stage pipeline checkpoint"):
+    with pytest.raises(HpcllmError, match=r"a 2-stage pipeline checkpoint is missing model-00001.pt \(1 of its 2 tensor files"):
         export_checkpoint(ck, tmp_path / "bad.pt")
     r = subprocess.run([sys.executable, "-m", "hpcllm", "export", str(ck), "--out", str(tmp_path / "bad.pt")],
                        capture_output=True, text=True, env=env, timeout=120)
