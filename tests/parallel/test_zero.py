@@ -152,6 +152,21 @@ def test_stages_one_and_two_inside_pipeline_stages_with_the_tied_embedding(zdata
         "zero-00000-00000.pt", "zero-00000-00001.pt", "zero-00001-00000.pt", "zero-00001-00001.pt"]
 
 
+@pytest.mark.slow
+def test_stages_compose_with_fp16_loss_scaling_recompute_and_wire_compression(zdata, tmp_path):
+    run = zero_runs(tmp_path / "r", "0,1,2,3", zdata, 2, "--precision", "fp16", "--recompute",
+                    "--grad-compression", "fp16", "--accum", "2")
+    assert [r for r in records(run(3)) if "loss_scale" in r]
+    for stage in (1, 2, 3):
+        assert_same(run(stage), run(0), f"ZeRO-{stage} fp16 + recompute + fp16 wire")
+
+
+@pytest.mark.slow
+def test_stage_three_composes_with_compile(zdata, tmp_path):
+    run = zero_runs(tmp_path / "r", "0,3", zdata, 2, "--compile", "--recompute", "--accum", "1")
+    assert_same(run(3), run(0), "ZeRO-3 + compile + recompute")
+
+
 def test_stage_three_with_pipeline_stages_is_one_line_error(zdata, tmp_path):
     r = run_train(["--data", str(zdata), "--out", str(tmp_path / "x"), "--steps", "1", "--zero-stage", "3",
                    "--pipeline-stages", "2", *COMMON], check=False)
