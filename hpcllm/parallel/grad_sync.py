@@ -42,6 +42,20 @@ def squares(grads) -> float:
     return float(torch.stack(norms).square().sum())
 
 
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        st = t.untyped_storage()
+        key = (st.data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
 class GradSync:
     """``named_params``: this rank's (full-model-named) parameters; ``groups`` a
     :class:`~hpcllm.parallel.groups.ParallelGroups`; ``tied``: the name of this rank's copy of a
@@ -175,8 +189,6 @@ class GradSync:
 
     def model_state_bytes(self, optimizer) -> int:
         """Bytes of parameters, gradients and optimizer states this rank holds now."""
-        from hpcllm.parallel.zero import storage_bytes
-
         tensors = [t for _, p in self.params for t in (p, p.grad)]
         tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         return storage_bytes(tensors)

@@ -51,7 +51,7 @@ import time
 import torch
 
 from hpcllm.errors import HpcllmError
-from hpcllm.parallel.grad_sync import squares
+from hpcllm.parallel.grad_sync import squares, storage_bytes
 
 #: Horovod's MPI path counts elements in 32 bits
 MAX_CALL_ELEMENTS = 2 ** 31 - 1
@@ -156,20 +156,6 @@ def _owners(module) -> dict[int, tuple]:
             if p is not None:
                 out.setdefault(id(p), (mod, attr))
     return out
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if t is None or not torch.is_tensor(t):
-            continue
-        st = t.untyped_storage()
-        key = (st.data_ptr(), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += st.nbytes()
-    return total
 
 
 class ZeroSync:

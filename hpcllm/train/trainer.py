@@ -230,6 +230,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
 
     params = grad_sync.step_params()  # what unscaling and clipping act on (ZeRO: the shards)
     state_bytes = None
+    memory_logged = False
     nan_at = _nan_hook(groups.rank)
     last_saved = start_step if reader is not None else None
     skipped_in_interval = 0
@@ -296,6 +297,12 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             per_rank = groups.allgather((state_bytes, peak_memory_bytes(device)), what="the memory statistics")
             record["model_state_bytes"] = [b for b, _ in per_rank]
             record["peak_mem_bytes"] = [m for _, m in per_rank]
+            if not memory_logged and per_rank[0][0] is not None:
+                memory_logged = True
+                mib = lambda xs: ", ".join(f"{x / 2 ** 20:.1f}" for x in xs)  # noqa: E731
+                log(groups, f"model state per rank (parameters, gradients, optimizer states) "
+                    f"[{mib(record['model_state_bytes'])}] MiB; peak memory per rank so far "
+                    f"[{mib(record['peak_mem_bytes'])}] MiB")
             skipped_in_interval = 0
         if lg.eval_every > 0 and (done % lg.eval_every == 0 or done == cfg.steps):
             total, n = runner.eval_sums(eval_batches)  # pipeline: every stage takes part

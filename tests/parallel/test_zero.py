@@ -260,3 +260,36 @@ def test_a_rank_killed_inside_a_reduce_scatter_ends_the_job(zdata, tmp_path):
     assert res.elapsed_s < 90, res.output()
     assert "step  3/20" in res.stdout  # it died mid-run (step 4: 3 units per step), not at startup
     assert "step  4/20" not in res.stdout and "step 20/20" not in res.stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_under_srun_pmix_on_two_nodes(slurm_cluster, zdata, tmp_path):
+    base = tmp_path / "s"
+    slurm_cluster.run(["srun", "--mpi=pmix", "-N2", "--ntasks-per-node=1", sys.executable, str(SCRIPT), str(base),
+                       "0,3", "--", "--data", str(zdata), "--steps", "4", "--ckpt-every", "0", *COMMON],
+                      timeout=240, env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])},
+                      cwd=tmp_path)
+    cfg = json.loads((Path(f"{base}-z3-ax") / "config.json").read_text())
+    assert cfg["world"]["size"] == 2 and cfg["world"]["cross_size"] == 2
+    assert losses(Path(f"{base}-z3-ax")) == losses(Path(f"{base}-z0-ax"))
+
+
+@pytest.mark.slow
+def test_under_horovodrun(zdata, tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    base = tmp_path / "h"
+    mpi_args = "--oversubscribe --bind-to none --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo" + (
+        " --allow-run-as-root" if os.geteuid() == 0 else "")
+    horovodrun = Path(sys.executable).with_name("horovodrun")
+    cmd = [str(horovodrun if horovodrun.exists() else shutil.which("horovodrun")), "-np", "2", "-H", "localhost:2",
+           "--mpi", f"--mpi-args={mpi_args}", sys.executable, str(SCRIPT), str(base), "0,2", "--",
+           "--data", str(zdata), "--steps", "4", "--ckpt-every", "0", *COMMON]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert losses(Path(f"{base}-z2-ax")) == losses(Path(f"{base}-z0-ax"))
+    assert json.loads((Path(f"{base}-z2-ax") / "config.json").read_text())["world"]["size"] == 2

@@ -113,10 +113,14 @@ def test_rng_state_roundtrip():
 def test_config_precedence_toml_then_flags(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('steps = 50\n[data]\nmicro_batch = 3\naccum = 2\n[parallel]\nhierarchical_allreduce = true\n'
-                    '[model]\nmodel = "mini"\n')
+                    'zero_stage = 2\n[model]\nmodel = "mini"\n')
     cfg = build_config(str(toml), accum=5)
     assert (cfg.steps, cfg.data.micro_batch, cfg.data.accum, cfg.model.model) == (50, 3, 5, "mini")
-    assert cfg.parallel.hierarchical_allreduce is True
+    assert cfg.parallel.hierarchical_allreduce is True and cfg.parallel.zero_stage == 2
+    assert build_config(str(toml), zero_stage=3).parallel.zero_stage == 3
+    toml.write_text("[parallel]\nzero_stage = 5\n")
+    with pytest.raises(HpcllmError, match="zero-stage 5"):
+        build_config(str(toml))
     toml.write_text("[data]\nmicro_bath = 3\n")
     with pytest.raises(HpcllmError, match="unknown key 'micro_bath' in \\[data\\]"):
         build_config(str(toml))
@@ -133,7 +137,7 @@ def test_click_options_are_generated_and_roundtrip():
               "--accum", "--steps", "--lr", "--seed", "--precision", "--log-every", "--eval-every", "--ckpt-every",
               "--resume", "--grad-compression", "--fusion-threshold-mb", "--cycle-time-ms",
               "--hierarchical-allreduce", "--timeline", "--pipeline-stages", "--schedule", "--microbatches",
-              "--balance", "--recompute", "--threads", "--peak-tflops"]:
+              "--balance", "--recompute", "--threads", "--peak-tflops", "--zero-stage"]:
         assert f in flags, f
     seen = {}
 
