@@ -26,7 +26,9 @@ the one training loop does not change) and owns the parameters' storage:
   temporary flat buffer, drop the per-parameter ``.grad`` and keep only the reduced shard.
 - **Parameters.** Stages 1 and 2: after ``optimizer.step()`` one
   ``hvd.grouped_allgather_async`` per unit (``hpcllm.zero.ag.<unit>``) refills the full
-  buffers, waited for only when the unit is next called (overlapping the next forward).
+  buffers: the first unit's at once, each next one's when the unit before it is called, and
+  each waited for only when its own unit is called, so the gathers overlap the next forward
+  (all at once after the step, Horovod fused them into one transfer the first unit waited for).
   Stage 3 keeps only the shard: a unit's buffers are allocated and gathered just before its
   forward, freed after it (storage resized to 0; autograd's saved views come back with the
   storage), gathered again when the gradient of its output arrives (before its backward) and
@@ -331,10 +333,9 @@ class ZeroSync:
     def _before(self, unit: Unit):
         def before():
             self._wait_gather(unit)
-            if self.stage == 3:
-                nxt = self._neighbour(unit, 1)
-                if nxt is not None:
-                    self._start_gather(nxt)
+            nxt = self._neighbour(unit, 1)
+            if nxt is not None:  # prefetch: the next unit's gather runs while this one computes
+                self._start_gather(nxt)
         return before
 
     def _after(self, unit: Unit):
@@ -471,13 +472,14 @@ class ZeroSync:
 
     # ---------------------------------------------------------------- after the step
     def after_step(self) -> None:
-        """Stages 1 and 2: start refilling the full buffers from the updated shards."""
+        """Stages 1 and 2: the full buffers are stale; start refilling the first unit the next
+        forward needs (each unit's call then starts the next one's gather)."""
         self.last_ag_s, self.ag_wait_s = self.ag_wait_s, 0.0
         if self.stage == 3 or self.hvd is None:
             return
         for unit in self.units:
             unit.gathered = False
-            self._start_gather(unit)
+        self._start_gather(self.units[0])
 
     def zero_grad(self, optimizer) -> None:
         if self.stage == 1:
@@ -492,9 +494,10 @@ class ZeroSync:
                     p.grad = None
 
     def drain(self) -> None:
-        """Complete every gather in flight (before evaluation by other code, a save, the end)."""
+        """Complete every gather in flight, and (stages 1-2) refill every stale full buffer: the
+        module's parameters are then current for any code that uses them (the end, a stop)."""
         for unit in self.units:
-            if unit.pending is not None:
+            if unit.pending is not None or (self.stage != 3 and not unit.gathered):
                 self._wait_gather(unit)
 
     def comm_record(self) -> dict:

@@ -23,6 +23,14 @@ import torch
 METRICS_FILE = "metrics.jsonl"
 
 
+def current_memory_bytes(device) -> int:
+    """This process's memory now: CUDA tensors allocated on a GPU, else the resident set."""
+    if getattr(device, "type", device) == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_memory_bytes(device) -> int:
     """This process's peak memory so far: the CUDA caching allocator's peak on a GPU, else the
     peak resident set size (``ru_maxrss``)."""

@@ -33,7 +33,7 @@ import torch
 from hpcllm import exitcodes
 from hpcllm.config import TrainConfig, effective_config
 from hpcllm.train import checkpoint as ckpt
-from hpcllm.train.metrics import MetricsLogger, peak_memory_bytes
+from hpcllm.train.metrics import MetricsLogger, current_memory_bytes, peak_memory_bytes
 from hpcllm.train.precision import LossScaler, autocast, clip_, probe_shape, resolve_precision
 from hpcllm.train.schedule import LRSchedule
 from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, checkpoint_files, choose_partition,
@@ -129,6 +129,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         log(groups, f"precision auto -> {precision}: {why}")
     amp = lambda: autocast(precision, device)  # noqa: E731
 
+    start_mem = current_memory_bytes(device)  # before the model: what the runtime itself holds
     partition = choose_partition(cfg, gpt_cfg, plan, groups, device, amp) if dims.pp > 1 else None
     par = parallelize(gpt_cfg, groups, pc, seed=cfg.seed, device=device, autocast=amp,
                       micro_batch=d.micro_batch, microbatches=M, partition=partition)
@@ -294,9 +295,11 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             if scaler.enabled:
                 record["loss_scale"] = scaler.scale
             record["comm_s"] = grad_sync.comm_record()
-            per_rank = groups.allgather((state_bytes, peak_memory_bytes(device)), what="the memory statistics")
-            record["model_state_bytes"] = [b for b, _ in per_rank]
-            record["peak_mem_bytes"] = [m for _, m in per_rank]
+            per_rank = groups.allgather((state_bytes, peak_memory_bytes(device), start_mem),
+                                        what="the memory statistics")
+            record["model_state_bytes"] = [b for b, _, _ in per_rank]
+            record["peak_mem_bytes"] = [m for _, m, _ in per_rank]
+            record["start_mem_bytes"] = [m for _, _, m in per_rank]
             if not memory_logged and per_rank[0][0] is not None:
                 memory_logged = True
                 mib = lambda xs: ", ".join(f"{x / 2 ** 20:.1f}" for x in xs)  # noqa: E731
