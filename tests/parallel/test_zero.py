@@ -282,11 +282,11 @@ def test_under_horovodrun(zdata, tmp_path):
     import subprocess
 
     base = tmp_path / "h"
-    mpi_args = "--oversubscribe --bind-to none --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo" + (
-        " --allow-run-as-root" if os.geteuid() == 0 else "")
+    # horovodrun sets the MCA interface parameters itself (--network-interface)
+    mpi_args = "--oversubscribe --bind-to none" + (" --allow-run-as-root" if os.geteuid() == 0 else "")
     horovodrun = Path(sys.executable).with_name("horovodrun")
     cmd = [str(horovodrun if horovodrun.exists() else shutil.which("horovodrun")), "-np", "2", "-H", "localhost:2",
-           "--mpi", f"--mpi-args={mpi_args}", sys.executable, str(SCRIPT), str(base), "0,2", "--",
+           "--mpi", "--network-interface", "lo", f"--mpi-args={mpi_args}", sys.executable, str(SCRIPT), str(base), "0,2", "--",
            "--data", str(zdata), "--steps", "4", "--ckpt-every", "0", *COMMON]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
