@@ -201,9 +201,14 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default="2,4")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--shapes", default="bench,4x")
+    ap.add_argument("--replan", metavar="JSON",
+                    help="measure nothing: recompute the planner's columns for the measurements in JSON "
+                         "(after a change to the memory model) and rewrite the table")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds over the stages (interleaved); each configuration keeps its least disturbed round")
     args = ap.parse_args(argv)
+    if args.replan:
+        return replan(Path(args.replan))
     ranks = [2] if args.quick else [int(x) for x in args.ranks.split(",")]
     shapes = ["bench"] if args.quick else args.shapes.split(",")
     steps = 6 if args.quick else args.steps
@@ -243,6 +248,21 @@ def main(argv=None) -> int:
                                         "z3_growth_ratio": max(z3["rss_growth_bytes"]) / max(f["rss_growth_bytes"])})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return report(results)
+
+
+def replan(path: Path) -> int:
+    results = json.loads(path.read_text())
+    for r in results["runs"]:
+        if r["impl"] != "FSDP2":
+            p = predictions(SHAPES[r["shape"]], r["ranks"], r["stage"])
+            r.update(plan=p, state_vs_plan=max(r["state_bytes"]) / p["model_state_bytes"],
+                     rss_vs_plan=max(r["rss_growth_bytes"]) / p["peak_bytes"])
+    results["replanned"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return report(results)
+
+
+def report(results: dict) -> int:
     rows = []
     for r in results["runs"]:
         zero = r["impl"] != "FSDP2"

@@ -330,7 +330,11 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
         largest = max(4 * shape.d_model * shape.d_model if layers else 0,
                       shape.vocab * shape.d_model if (first or last) else 0)
         optim_tmp = 2 * 4 * largest // shard
-    comm = setup.fusion_bytes if setup.data_parallel > 1 else 0
+    comm = 0
+    if setup.data_parallel > 1:
+        # Horovod's fusion buffer: on a GPU the whole allocation counts; in a CPU process's
+        # resident set only the pages a fused batch wrote (at most the stage's gradients)
+        comm = setup.fusion_bytes if device.kind == "gpu" else min(setup.fusion_bytes, 4 * n)
     if P > 1:
         comm += 2 * P2P_SLOTS * shape.seq_len * setup.micro_batch * shape.d_model * 4
     fwd_bwd = weights + grads + optimizer + copies + activations + backward_tmp + zero_buffers
@@ -340,7 +344,7 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
         copies, activations = 0, 0  # freed before the step
     # memory freed and allocated again every step (activations, gradients, temporaries)
     # leaves holes in a CPU process's heap; GPU caching allocators are covered by overhead
-    churn = inflight * per_mb + grads + max(backward_tmp, optim_tmp) + copies
+    churn = inflight * per_mb + grads + max(backward_tmp, optim_tmp) + copies + zero_buffers
     slack = int(device.heap_retention * churn)
     if setup.precision != "fp32":
         # CPUs: 16-bit matmul weights and weight gradients pass through fp32 conversion
