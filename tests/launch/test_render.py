@@ -134,6 +134,8 @@ def test_every_train_option_passes_through_unchanged(dataset):
     # the Horovod knobs are also exported for the whole job
     assert "export HOROVOD_TIMELINE='/tmp/tl x.json'" in text
     assert "export HOROVOD_HIERARCHICAL_ALLREDUCE=1" in text
+    assert "export HOROVOD_HIERARCHICAL_ALLGATHER=1" in text  # ZeRO's parameter all-gathers follow
+    assert parsed["zero_stage"] == 1  # --zero-stage passes through (1: it composes with the stages)
     assert "export HOROVOD_FUSION_THRESHOLD=33554432" in text  # 32 MiB (half the default)
 
 

@@ -131,14 +131,16 @@ def test_three_ranks_pad_every_buffer(zdata, tmp_path):
 
 @pytest.mark.slow
 def test_every_stage_on_four_ranks_over_two_virtual_nodes_hierarchical(zdata, tmp_path):
-    run = zero_runs(tmp_path / "r", "0,1,2,3", zdata, 4, "--hierarchical-allreduce", "--accum", "1",
-                    hosts=["nodeA", "nodeB"])
-    cfg = json.loads((run(3) / "config.json").read_text())
+    run = zero_runs(tmp_path / "r", "0:1,1:1,2:1,3:1,0:3,1:3,2:3,3:3", zdata, 4, "--hierarchical-allreduce",
+                    hosts=["nodeA", "nodeB"], timeout=360)
+    cfg = json.loads((run(3, "1") / "config.json").read_text())
     assert cfg["world"] == {**cfg["world"], "size": 4, "local_size": 2, "cross_size": 2}
     assert cfg["horovod_env"]["HOROVOD_HIERARCHICAL_ALLGATHER"] == "1"
-    for stage in (1, 2, 3):
-        assert_same(run(stage), run(0), f"ZeRO-{stage} on 2 nodes x 2 ranks")
-        assert_model_state_matches_formula(run(stage), stage, 4)
+    for accum in ("1", "3"):
+        for stage in (1, 2, 3):
+            assert_same(run(stage, accum), run(0, accum), f"ZeRO-{stage} accum {accum} on 2 nodes x 2 ranks")
+    for stage in (0, 1, 2, 3):
+        assert_model_state_matches_formula(run(stage, "1"), stage, 4)
 
 
 @pytest.mark.slow
