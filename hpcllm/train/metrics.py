@@ -6,7 +6,11 @@ One JSON object per log interval::
      "mfu": 0.121, "step_time_s": 0.53, "sync_time_s": 0.02, "tokens": 3276800, "loss_scale": 65536.0,
      "skipped": 0, "time": 1700000000.0}
 
-plus ``val_loss`` on lines where the validation loss was computed (an eval-only line has
+plus, per rank (lists in rank order), ``model_state_bytes`` (parameters + gradients + optimizer
+states at the first optimizer step: ZeRO shards them), ``peak_mem_bytes`` (peak RSS, or the
+CUDA allocator's peak) and ``start_mem_bytes`` (the process before the model was built), and
+``comm_s``: the last step's waits for gradient communication (``allreduce_s``; ZeRO
+``reduce_scatter_s`` and ``all_gather_s``), plus ``val_loss`` on lines where the validation loss was computed (an eval-only line has
 ``step`` and ``val_loss``). ``tokens_per_s`` is global (all ranks); ``mfu`` is the achieved
 FLOP/s (``flops_per_token`` x tokens/s) over the peak of all devices.
 """

@@ -323,14 +323,22 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             log(groups, f"stop requested ({stop.signal_name or 'on another rank'}) at step {done}")
             if last_saved != done:
                 save(done)
-            grad_sync.drain()
+            _drain(grad_sync, groups)
             return exitcodes.REQUEUE
         if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
             save(done)
             last_saved = done
-    grad_sync.drain()
+    _drain(grad_sync, groups)
     log(groups, f"done: {cfg.steps} steps")
     return exitcodes.OK
+
+
+def _drain(grad_sync, groups) -> None:
+    """Complete the synchroniser's collectives in flight (ZeRO's all-gathers), then wait for
+    every rank to have done so: a process that exits tears Horovod down for all of them, so
+    none may leave while another still has a collective running."""
+    grad_sync.drain()
+    groups.allreduce_sum([0.0], what="the end of training")
 
 
 def _nan_hook(rank: int) -> int | None:
