@@ -40,11 +40,13 @@ def _assert_identical_runs(ref, resumed, steps):
 
 
 @pytest.mark.mpi
-def test_stop_request_on_one_rank_checkpoints_exits_75_and_resume_is_exact(dataset, tmp_path):
+@pytest.mark.parametrize("zero", ["0", "3"])
+def test_stop_request_on_one_rank_checkpoints_exits_75_and_resume_is_exact(dataset, tmp_path, zero):
     steps = 50
     out = tmp_path / "run"
     marker = f"stop-{tmp_path.name}"
-    p = mpi_popen(train_cmd(*_args(dataset, out, steps, 25, accum=1)), np=2, env={}, marker=marker)
+    z = ["--zero-stage", zero]  # ZeRO-3: the stop's checkpoint is every rank's shards
+    p = mpi_popen(train_cmd(*_args(dataset, out, steps, 25, accum=1), *z), np=2, env={}, marker=marker)
     try:
         wait_for(lambda: any(rec["step"] >= 3 for rec in read_metrics(out)), 60, "step 3")
         pids = rank_pids(marker)
@@ -59,12 +61,13 @@ def test_stop_request_on_one_rank_checkpoints_exits_75_and_resume_is_exact(datas
     assert 3 <= stopped_at < steps and "stop requested (on another rank)" in stdout
     assert max(losses(out)) == stopped_at
 
-    res = run_mpi(train_cmd(*_args(dataset, out, steps, 25, accum=1), "--resume", "auto"), np=2,
+    res = run_mpi(train_cmd(*_args(dataset, out, steps, 25, accum=1), "--resume", "auto", *z), np=2,
                   env={"OMP_NUM_THREADS": "1"}, timeout=120)
     res.check()
     assert f"resumed from {stopped} at step {stopped_at}" in res.stdout
     ref = tmp_path / "ref"
-    run_mpi(train_cmd(*_args(dataset, ref, steps, 25, accum=1)), np=2, env={"OMP_NUM_THREADS": "1"}, timeout=120).check()
+    run_mpi(train_cmd(*_args(dataset, ref, steps, 25, accum=1), *z), np=2, env={"OMP_NUM_THREADS": "1"},
+            timeout=120).check()
     _assert_identical_runs(ref, out, steps)
 
 
