@@ -43,7 +43,9 @@ def train(config_file, **flags):
 @click.option("--top-k", type=number(int, NON_NEGATIVE), default=50, show_default=True, help="Sample among the k most likely tokens (0: all).")
 @click.option("--seed", type=number(int, NON_NEGATIVE), default=0, show_default=True, help="Sampling seed (same seed, same text).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device):
+@click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
+              help="Decode with a key/value cache (--no-kv-cache: recompute the context for every token).")
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, kv_cache):
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
     tokenizer the model was trained with (checked by sha256). One process, no MPI."""
@@ -53,7 +55,7 @@ def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, devic
     if note:
         click.echo(f"note: {note}", err=True)
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k or None, seed=seed)
+                          top_k=top_k or None, seed=seed, kv_cache=kv_cache)
     click.echo(prompt + run_generate(checkpoint, prompt, sample, device=device))
 
 

@@ -43,6 +43,9 @@ class SampleConfig:
     """Seed of the sampling generator: the same seed gives the same text."""
     stop_at_eod: bool = True
     """Stop when the model emits the end-of-document token."""
+    kv_cache: bool = True
+    """Decode incrementally with a key/value cache (False: recompute the whole context for
+    every token, the reference path)."""
 
 
 @dataclass
@@ -337,6 +340,9 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
     """Extend ``prompt_ids`` by up to ``sample.max_new_tokens`` tokens; returns only the new ids.
 
     The context is cropped to the last ``seq_len`` tokens (the model has no positions beyond).
+    With ``sample.kv_cache`` the prompt is encoded once and each new token costs one position's
+    forward pass; once the context exceeds ``seq_len`` every step re-encodes the last
+    ``seq_len`` tokens, which is what the model sees without a cache.
     """
     if sample.temperature < 0:
         raise HpcllmError(f"--temperature {sample.temperature}: must be >= 0")
@@ -349,10 +355,21 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
     start = len(ids) if prompt_ids else 0
     was_training = model.training
     model.eval()
+    cache = model.new_kv_cache(1, seq_len) if sample.kv_cache and hasattr(model, "new_kv_cache") else None
     try:
         for _ in range(sample.max_new_tokens):
-            ctx = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
-            last = _logits(model, ctx)[0, -1].cpu()
+            if cache is None:
+                ctx = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
+                last = _logits(model, ctx)[0, -1].cpu()
+            else:
+                if cache.pos == 0 or cache.pos >= seq_len:
+                    # first step, or the window is full: (re)fill the cache with the last
+                    # seq_len tokens (positions restart at 0, as the recomputing path sees them)
+                    cache.reset()
+                    new = ids[-seq_len:]
+                else:
+                    new = ids[-1:]
+                last = model(torch.tensor([new], dtype=torch.long, device=device), kv=cache)[0, -1].cpu()
             probs = next_token_distribution(last, vocab_size, sample.temperature, sample.top_k)
             nxt = int(torch.argmax(last[:vocab_size])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
             ids.append(nxt)

@@ -164,6 +164,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2)
 
 
+class KVCache:
+    """Keys and values of the positions decoded so far, for generation: one preallocated
+    (B, H, max_len, hd) buffer pair per layer; ``pos`` positions are filled. A forward pass
+    given the cache attends to them and appends its own (training never passes one)."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.max_len, self.pos = max_len, 0
+
+    def layer(self, i: int) -> "_LayerKV":
+        return _LayerKV(self, i)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class _LayerKV:
+    def __init__(self, cache: KVCache, i: int):
+        self.cache, self.i = cache, i
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this call's keys/values at the next positions; all keys/values so far."""
+        c, p, T = self.cache, self.cache.pos, k.size(-2)
+        if p + T > c.max_len:
+            raise ValueError(f"KV cache of {c.max_len} positions cannot take {T} more after {p}")
+        c.k[self.i, :, :, p:p + T] = k
+        c.v[self.i, :, :, p:p + T] = v
+        return c.k[self.i, :, :, :p + T], c.v[self.i, :, :, :p + T]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -173,16 +204,25 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        start = kv.cache.pos if kv is not None else 0
         if self.rope:
             # recomputed per call (cheap next to the matmuls) so no state sits outside the
             # parameters and a stage needs nothing but its own blocks
-            cos, sin = _rope_cos_sin(T, self.head_dim, self.rope_base, x.device, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v)
+            cos, sin = _rope_cos_sin(start + T, self.head_dim, self.rope_base, x.device, q.dtype)
+            q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+        if kv is None:
+            y = causal_attention(q, k, v)
+        else:  # generation: the new positions attend to every cached one and causally among themselves
+            k, v = kv.update(k, v)
+            mask = None
+            if T > 1:
+                mask = (torch.arange(start + T, device=x.device)[None, :]
+                        <= torch.arange(start, start + T, device=x.device)[:, None])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -232,8 +272,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv=None):
+        x = x + self.attn(self.ln_1(x), kv)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -275,31 +315,40 @@ class GPT(nn.Module):
     def block_list(self) -> list[Block]:
         return list(self.blocks) if isinstance(self.blocks, nn.ModuleList) else list(self.blocks.values())
 
-    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         T = idx.size(1)
-        if T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than seq_len {self.cfg.seq_len}")
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens is longer than seq_len {self.cfg.seq_len}")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         return x
 
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.block_list():
-            x = blk(x)
+    def run_blocks(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
+        for i, blk in enumerate(self.block_list()):
+            x = blk(x) if kv is None else blk(x, kv.layer(i))
         return x
+
+    def new_kv_cache(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> KVCache:
+        """An empty cache for generating with this (whole) model."""
+        w = self.wte.weight
+        return KVCache(len(self.block_list()), batch, self.cfg.n_head, max_len or self.cfg.seq_len,
+                       self.cfg.head_dim, device or w.device, dtype or w.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.ln_f(x), self.wte.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv: KVCache | None = None):
         """Logits (B, T, padded_vocab) for token ids ``idx``, or the mean loss given targets.
 
         For a slice without the embedding, ``idx`` is the hidden state (B, T, d_model); for a
-        slice without the head, the hidden state is returned.
+        slice without the head, the hidden state is returned. ``kv`` (generation): ``idx``
+        continues the positions the cache holds, and its keys/values are appended to it.
         """
-        x = self.embed(idx) if self.has_embed else idx
-        x = self.run_blocks(x)
+        x = self.embed(idx, kv.pos if kv is not None else 0) if self.has_embed else idx
+        x = self.run_blocks(x, kv)
+        if kv is not None:
+            kv.pos += idx.size(1)
         if not self.has_head:
             return x
         logits = self.logits(x)
