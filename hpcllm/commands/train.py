@@ -45,18 +45,52 @@ def train(config_file, **flags):
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decode with a key/value cache (--no-kv-cache: recompute the context for every token).")
-def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, kv_cache):
+@click.option("--prompts-file", type=click.Path(), default=None,
+              help="Many prompts: one per line, or JSONL (FILE.jsonl: {\"prompt\": ...} or strings per line); "
+                   "generated in batches.")
+@click.option("--batch-size", type=number(int, AT_LEAST_1), default=8, show_default=True,
+              help="Prompts per batch with --prompts-file (left-padded).")
+@click.option("--output", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
+              help="With --prompts-file: prompt + completion per prompt, or one JSON object per prompt.")
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, kv_cache, prompts_file,
+             batch_size, output):
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
     tokenizer the model was trained with (checked by sha256). One process, no MPI."""
     from hpcllm.infer.generate import SampleConfig, generate as run_generate, valid_prompt
 
+    sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k or None, seed=seed, kv_cache=kv_cache)
+    if prompts_file is not None:
+        _generate_many(checkpoint, prompts_file, sample, device, batch_size, output)
+        return
     prompt, note = valid_prompt(prompt)
     if note:
         click.echo(f"note: {note}", err=True)
-    sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k or None, seed=seed, kv_cache=kv_cache)
     click.echo(prompt + run_generate(checkpoint, prompt, sample, device=device))
+
+
+def _generate_many(checkpoint, prompts_file, sample, device, batch_size, output):
+    import json
+    import time
+
+    from hpcllm.infer.generate import generate_batch, load_model, read_prompts, valid_prompt
+
+    prompts = [valid_prompt(p)[0] for p in read_prompts(prompts_file)]
+    loaded = load_model(checkpoint, device=device)
+    tok = loaded.tokenizer
+    t0 = time.perf_counter()
+    new = generate_batch(loaded.model, [tok.encode(p) for p in prompts], sample, seq_len=loaded.seq_len,
+                         vocab_size=tok.vocab_size, eod_id=tok.eod_id, batch_size=batch_size)
+    dt = time.perf_counter() - t0
+    for p, ids in zip(prompts, new):
+        if ids and sample.stop_at_eod and ids[-1] == tok.eod_id:
+            ids = ids[:-1]
+        text = tok.decode(ids)
+        click.echo(json.dumps({"prompt": p, "completion": text, "tokens": len(ids)}) if output == "jsonl"
+                   else p + text)
+    n = sum(len(x) for x in new)
+    click.echo(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f} s ({n / dt:.1f} tokens/s)", err=True)
 
 
 @click.command()

@@ -380,6 +380,96 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
     return ids[start:] if prompt_ids else ids[1:]
 
 
+@torch.no_grad()
+def generate_batch(model: torch.nn.Module, prompts: list[list[int]], sample: SampleConfig, *, seq_len: int,
+                   vocab_size: int, eod_id: int | None = None, batch_size: int = 8) -> list[list[int]]:
+    """New ids for each of ``prompts``, ``batch_size`` at a time: left-padded to the batch's
+    longest prompt (padding positions are never attended to; each row's positions start at its
+    first real token), one KV-cached forward pass per new token for the whole batch. Each row
+    samples from its own generator seeded with ``sample.seed``, so a prompt's output does not
+    depend on its batch. A batch whose longest prompt plus ``max_new_tokens`` exceeds
+    ``seq_len`` (the sliding window) is generated prompt by prompt."""
+    if batch_size < 1:
+        raise HpcllmError(f"--batch-size {batch_size}: must be >= 1")
+    out: list = [None] * len(prompts)
+    device = next(model.parameters()).device
+    start_tok = eod_id if eod_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(prompts), batch_size):
+            idx = list(range(b0, min(b0 + batch_size, len(prompts))))
+            rows = [list(prompts[i]) or [start_tok] for i in idx]
+            longest = max(len(r) for r in rows)
+            if (longest + sample.max_new_tokens > seq_len or not sample.kv_cache
+                    or not hasattr(model, "new_kv_cache")):
+                for i in idx:
+                    out[i] = generate_ids(model, prompts[i], sample, seq_len=seq_len, vocab_size=vocab_size,
+                                          eod_id=eod_id)
+                continue
+            pads = [longest - len(r) for r in rows]
+            tokens = torch.tensor([[start_tok] * p + r for p, r in zip(pads, rows)], dtype=torch.long, device=device)
+            positions = torch.tensor([[max(0, j - p) for j in range(longest)] for p in pads], device=device)
+            cache = model.new_kv_cache(len(rows), seq_len)
+            for r, p in enumerate(pads):
+                cache.valid[r, :p] = False
+            logits = model(tokens, kv=cache, positions=positions)[:, -1].cpu()
+            gens = [torch.Generator(device="cpu").manual_seed(sample.seed) for _ in rows]
+            new: list[list[int]] = [[] for _ in rows]
+            done = [False] * len(rows)
+            for step in range(sample.max_new_tokens):
+                for r in range(len(rows)):
+                    if done[r]:
+                        continue
+                    probs = next_token_distribution(logits[r], vocab_size, sample.temperature, sample.top_k)
+                    nxt = (int(torch.argmax(logits[r, :vocab_size])) if probs is None
+                           else int(torch.multinomial(probs, 1, generator=gens[r])))
+                    new[r].append(nxt)
+                    done[r] = (sample.stop_at_eod and eod_id is not None and nxt == eod_id)
+                if all(done) or step == sample.max_new_tokens - 1:
+                    break
+                feed = torch.tensor([[rw[-1] if rw else start_tok] for rw in new], dtype=torch.long, device=device)
+                pos = torch.tensor([[len(r) + step] for r in rows], device=device)
+                logits = model(feed, kv=cache, positions=pos)[:, -1].cpu()
+            for i, rw in zip(idx, new):
+                out[i] = rw
+    finally:
+        model.train(was_training)
+    return out
+
+
+def read_prompts(path) -> list[str]:
+    """Prompts of a ``--prompts-file``: JSONL (each line an object with "prompt" or "text", or a
+    JSON string) when the file ends in .jsonl, else one prompt per line (blank lines skipped)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise HpcllmError(f"--prompts-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise HpcllmError(f"--prompts-file {path}: unreadable ({excerpt(e)})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix != ".jsonl":
+            out.append(line)
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise HpcllmError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("prompt", obj.get("text")), str):
+            out.append(obj.get("prompt", obj.get("text")))
+        elif isinstance(obj, str):
+            out.append(obj)
+        else:
+            raise HpcllmError(f"{path}:{n}: expected a JSON string or an object with a \"prompt\" string")
+    if not out:
+        raise HpcllmError(f"--prompts-file {path}: no prompts")
+    return out
+
+
 #: what loading an exported file relies on
 EXPORT_SCHEMA = {"config": dict, "model": dict, "step": Opt(Nullable(COUNT)),
                  "tokenizer": Opt(Nullable({"type": Opt(str), "json": Opt(Nullable(str)), "sha256": Opt(Nullable(str))}))}

@@ -173,12 +173,15 @@ class KVCache:
         self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.max_len, self.pos = max_len, 0
+        #: (B, max_len): False at left-padding positions, which no real token attends to
+        self.valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
 
     def layer(self, i: int) -> "_LayerKV":
         return _LayerKV(self, i)
 
     def reset(self) -> None:
         self.pos = 0
+        self.valid.fill_(True)
 
 
 class _LayerKV:
@@ -204,7 +207,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -212,16 +216,21 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             # recomputed per call (cheap next to the matmuls) so no state sits outside the
             # parameters and a stage needs nothing but its own blocks
-            cos, sin = _rope_cos_sin(start + T, self.head_dim, self.rope_base, x.device, q.dtype)
-            q, k = apply_rope(q, cos[start:], sin[start:]), apply_rope(k, cos[start:], sin[start:])
+            if positions is None:
+                cos, sin = _rope_cos_sin(start + T, self.head_dim, self.rope_base, x.device, q.dtype)
+                cos, sin = cos[start:], sin[start:]
+            else:  # per-row positions (left-padded batches): (B, 1, T, hd/2)
+                cos, sin = _rope_cos_sin(int(positions.max()) + 1, self.head_dim, self.rope_base, x.device, q.dtype)
+                cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv is None:
             y = causal_attention(q, k, v)
         else:  # generation: the new positions attend to every cached one and causally among themselves
             k, v = kv.update(k, v)
-            mask = None
-            if T > 1:
-                mask = (torch.arange(start + T, device=x.device)[None, :]
-                        <= torch.arange(start, start + T, device=x.device)[:, None])
+            keys = torch.arange(start + T, device=x.device)[None, :]
+            queries = torch.arange(start, start + T, device=x.device)[:, None]
+            # real keys only (a padding query sees itself, so no row is all -inf)
+            mask = (keys <= queries) & (kv.cache.valid[:, None, None, :start + T] | (keys == queries))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -272,8 +281,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, kv=None):
-        x = x + self.attn(self.ln_1(x), kv)
+    def forward(self, x, kv=None, positions=None):
+        x = x + self.attn(self.ln_1(x), kv, positions)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -315,18 +324,19 @@ class GPT(nn.Module):
     def block_list(self) -> list[Block]:
         return list(self.blocks) if isinstance(self.blocks, nn.ModuleList) else list(self.blocks.values())
 
-    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def embed(self, idx: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
         T = idx.size(1)
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens is longer than seq_len {self.cfg.seq_len}")
         x = self.wte(idx)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device) if positions is None else positions)
         return x
 
-    def run_blocks(self, x: torch.Tensor, kv: KVCache | None = None) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, kv: KVCache | None = None,
+                   positions: torch.Tensor | None = None) -> torch.Tensor:
         for i, blk in enumerate(self.block_list()):
-            x = blk(x) if kv is None else blk(x, kv.layer(i))
+            x = blk(x) if kv is None else blk(x, kv.layer(i), positions)
         return x
 
     def new_kv_cache(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> KVCache:
@@ -338,15 +348,17 @@ class GPT(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.ln_f(x), self.wte.weight)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv: KVCache | None = None,
+                positions: torch.Tensor | None = None):
         """Logits (B, T, padded_vocab) for token ids ``idx``, or the mean loss given targets.
 
         For a slice without the embedding, ``idx`` is the hidden state (B, T, d_model); for a
         slice without the head, the hidden state is returned. ``kv`` (generation): ``idx``
-        continues the positions the cache holds, and its keys/values are appended to it.
+        continues the positions the cache holds, and its keys/values are appended to it;
+        ``positions`` (B, T): each token's position (left-padded batches; default: the cache's).
         """
-        x = self.embed(idx, kv.pos if kv is not None else 0) if self.has_embed else idx
-        x = self.run_blocks(x, kv)
+        x = self.embed(idx, kv.pos if kv is not None else 0, positions) if self.has_embed else idx
+        x = self.run_blocks(x, kv, positions)
         if kv is not None:
             kv.pos += idx.size(1)
         if not self.has_head:

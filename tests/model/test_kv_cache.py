@@ -47,3 +47,23 @@ def test_sampling_with_a_seed_is_the_same_with_and_without_the_cache():
     a, b = (generate_ids(m, [3, 4], SampleConfig(max_new_tokens=40, temperature=0.9, top_k=20, seed=7, kv_cache=kv),
                          seq_len=SEQ, vocab_size=257) for kv in (True, False))
     assert a == b
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
+def test_each_prompt_of_a_mixed_batch_equals_its_output_alone(pos_emb):
+    from hpcllm.infer.generate import generate_batch
+
+    m = model(pos_emb)
+    prompts = [[5, 6, 7], list(range(10, 30)), [9], [], list(range(40, 52))]
+    sample = SampleConfig(max_new_tokens=16, temperature=0, stop_at_eod=False)
+    alone = [generate_ids(m, p, sample, seq_len=SEQ, vocab_size=257, eod_id=256) for p in prompts]
+    for bs in (2, 5):
+        assert generate_batch(m, prompts, sample, seq_len=SEQ, vocab_size=257, eod_id=256, batch_size=bs) == alone
+    # sampling: each row has its own generator with the seed, so batching does not change it
+    hot = SampleConfig(max_new_tokens=12, temperature=0.9, top_k=20, seed=3, stop_at_eod=False)
+    assert generate_batch(m, prompts, hot, seq_len=SEQ, vocab_size=257, batch_size=5) == [
+        generate_ids(m, p, hot, seq_len=SEQ, vocab_size=257) for p in prompts]
+    # too long for the window: those prompts go alone (sliding window), same answers
+    long = SampleConfig(max_new_tokens=40, temperature=0, stop_at_eod=False)
+    assert generate_batch(m, prompts, long, seq_len=SEQ, vocab_size=257, eod_id=256) == [
+        generate_ids(m, p, long, seq_len=SEQ, vocab_size=257, eod_id=256) for p in prompts]

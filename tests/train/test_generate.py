@@ -214,3 +214,24 @@ def test_generate_runs_without_mpi(byte_run):
                        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_prompts_file_batches_and_matches_one_prompt_at_a_time(byte_run, capsys, tmp_path):
+    import json
+
+    f = tmp_path / "p.jsonl"
+    prompts = ["Hi", "a longer prompt", "x"]
+    f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompts-file", str(f), "--max-new-tokens", "6",
+                        "--temperature", "0", "--batch-size", "2", "--output", "jsonl")
+    assert rc == 0, err
+    got = [json.loads(line) for line in out.splitlines()]
+    assert [g["prompt"] for g in got] == prompts and "tokens/s" in err
+    for g in got:
+        rc, single, err = _cli(capsys, "generate", str(byte_run), "--prompt", g["prompt"], "--max-new-tokens", "6",
+                               "--temperature", "0", "--no-kv-cache")
+        assert rc == 0 and single.rstrip("\n") == g["prompt"] + g["completion"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
+    rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompts-file", str(bad))
+    assert rc == 2 and err.strip().splitlines() == [f'error: {bad}:2: expected a JSON string or an object with a "prompt" string']
