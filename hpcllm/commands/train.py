@@ -4,7 +4,7 @@ import sys
 import click
 
 from hpcllm.config import add_train_options
-from hpcllm.options import AT_LEAST_1, NON_NEGATIVE, number
+from hpcllm.options import AT_LEAST_1, NON_NEGATIVE, Range, number
 
 
 # --------------------------------------------------------------------------- train
@@ -43,6 +43,9 @@ def train(config_file, **flags):
 @click.option("--top-k", type=number(int, NON_NEGATIVE), default=50, show_default=True, help="Sample among the k most likely tokens (0: all).")
 @click.option("--seed", type=number(int, NON_NEGATIVE), default=0, show_default=True, help="Sampling seed (same seed, same text).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--top-p", type=number(float, Range(0, 1, lo_open=True)), default=None,
+              help="Nucleus sampling: the most likely tokens whose probabilities sum to P [default: off].")
+@click.option("--stop", default=None, help="End each completion before the first occurrence of this string.")
 @click.option("--kv-cache/--no-kv-cache", default=True, show_default=True,
               help="Decode with a key/value cache (--no-kv-cache: recompute the context for every token).")
 @click.option("--prompts-file", type=click.Path(), default=None,
@@ -52,15 +55,15 @@ def train(config_file, **flags):
               help="Prompts per batch with --prompts-file (left-padded).")
 @click.option("--output", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
               help="With --prompts-file: prompt + completion per prompt, or one JSON object per prompt.")
-def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, kv_cache, prompts_file,
-             batch_size, output):
+def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, top_p, stop, kv_cache,
+             prompts_file, batch_size, output):
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
     tokenizer the model was trained with (checked by sha256). One process, no MPI."""
     from hpcllm.infer.generate import SampleConfig, generate as run_generate, valid_prompt
 
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                          top_k=top_k or None, seed=seed, kv_cache=kv_cache)
+                          top_k=top_k or None, seed=seed, kv_cache=kv_cache, top_p=top_p, stop=stop or None)
     if prompts_file is not None:
         _generate_many(checkpoint, prompts_file, sample, device, batch_size, output)
         return
@@ -74,7 +77,7 @@ def _generate_many(checkpoint, prompts_file, sample, device, batch_size, output)
     import json
     import time
 
-    from hpcllm.infer.generate import generate_batch, load_model, read_prompts, valid_prompt
+    from hpcllm.infer.generate import cut_at_stop, generate_batch, load_model, read_prompts, valid_prompt
 
     prompts = [valid_prompt(p)[0] for p in read_prompts(prompts_file)]
     loaded = load_model(checkpoint, device=device)
@@ -86,7 +89,7 @@ def _generate_many(checkpoint, prompts_file, sample, device, batch_size, output)
     for p, ids in zip(prompts, new):
         if ids and sample.stop_at_eod and ids[-1] == tok.eod_id:
             ids = ids[:-1]
-        text = tok.decode(ids)
+        text = cut_at_stop(tok.decode(ids), sample.stop)
         click.echo(json.dumps({"prompt": p, "completion": text, "tokens": len(ids)}) if output == "jsonl"
                    else p + text)
     n = sum(len(x) for x in new)

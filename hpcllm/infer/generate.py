@@ -43,6 +43,11 @@ class SampleConfig:
     """Seed of the sampling generator: the same seed gives the same text."""
     stop_at_eod: bool = True
     """Stop when the model emits the end-of-document token."""
+    top_p: float | None = None
+    """Nucleus sampling: only the most likely tokens whose probabilities sum to ``top_p``
+    (None or 1: all; applied after ``top_k``)."""
+    stop: str | None = None
+    """Cut the completion before the first occurrence of this string."""
     kv_cache: bool = True
     """Decode incrementally with a key/value cache (False: recompute the whole context for
     every token, the reference path)."""
@@ -318,7 +323,7 @@ def _logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_distribution(logits: torch.Tensor, vocab_size: int, temperature: float,
-                            top_k: int | None) -> torch.Tensor | None:
+                            top_k: int | None, top_p: float | None = None) -> torch.Tensor | None:
     """Probabilities (1-D, float32) for the next token from the last position's logits.
 
     Returns None for greedy decoding (temperature 0 or top-k 1): the caller takes the argmax.
@@ -331,7 +336,14 @@ def next_token_distribution(logits: torch.Tensor, vocab_size: int, temperature: 
     if top_k and top_k < vocab_size:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep a token while the mass before it is below top_p (the most likely one always)
+        drop = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
 
 
 @torch.no_grad()
@@ -348,6 +360,8 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
         raise HpcllmError(f"--temperature {sample.temperature}: must be >= 0")
     if sample.top_k is not None and sample.top_k < 0:
         raise HpcllmError(f"--top-k {sample.top_k}: must be >= 0")
+    if sample.top_p is not None and not 0 < sample.top_p <= 1:
+        raise HpcllmError(f"--top-p {sample.top_p}: must be in (0, 1]")
     device = next(model.parameters()).device
     # the generator lives on the CPU so a seed gives the same text on CPU and GPU
     gen = torch.Generator(device="cpu").manual_seed(sample.seed)
@@ -370,7 +384,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
                 else:
                     new = ids[-1:]
                 last = model(torch.tensor([new], dtype=torch.long, device=device), kv=cache)[0, -1].cpu()
-            probs = next_token_distribution(last, vocab_size, sample.temperature, sample.top_k)
+            probs = next_token_distribution(last, vocab_size, sample.temperature, sample.top_k, sample.top_p)
             nxt = int(torch.argmax(last[:vocab_size])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
             ids.append(nxt)
             if sample.stop_at_eod and eod_id is not None and nxt == eod_id:
@@ -421,7 +435,8 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], sample: Sam
                 for r in range(len(rows)):
                     if done[r]:
                         continue
-                    probs = next_token_distribution(logits[r], vocab_size, sample.temperature, sample.top_k)
+                    probs = next_token_distribution(logits[r], vocab_size, sample.temperature, sample.top_k,
+                                                    sample.top_p)
                     nxt = (int(torch.argmax(logits[r, :vocab_size])) if probs is None
                            else int(torch.multinomial(probs, 1, generator=gens[r])))
                     new[r].append(nxt)
@@ -504,7 +519,16 @@ def generate_text(loaded: LoadedModel, prompt: str, sample: SampleConfig) -> str
                        vocab_size=tok.vocab_size, eod_id=tok.eod_id)
     if new and sample.stop_at_eod and new[-1] == tok.eod_id:
         new = new[:-1]
-    return tok.decode(new)
+    return cut_at_stop(tok.decode(new), sample.stop)
+
+
+def cut_at_stop(text: str, stop: str | None) -> str:
+    """``text`` up to (without) the first ``stop`` string."""
+    if stop:
+        i = text.find(stop)
+        if i >= 0:
+            return text[:i]
+    return text
 
 
 def generate(checkpoint: str | os.PathLike, prompt: str, sample: SampleConfig | None = None,

@@ -235,3 +235,23 @@ def test_cli_prompts_file_batches_and_matches_one_prompt_at_a_time(byte_run, cap
     bad.write_text('{"prompt": "ok"}\n{"nope": 1}\n')
     rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompts-file", str(bad))
     assert rc == 2 and err.strip().splitlines() == [f'error: {bad}:2: expected a JSON string or an object with a "prompt" string']
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_and_stop_cuts_the_text(byte_run, capsys):
+    from hpcllm.infer.generate import cut_at_stop, next_token_distribution
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    p = next_token_distribution(logits, 4, 1.0, None, top_p=0.75)
+    assert torch.allclose(p, torch.tensor([0.5, 0.3, 0.0, 0.0]) / 0.8)  # 0.5 < 0.75, 0.5 + 0.3 reaches it
+    assert torch.allclose(next_token_distribution(logits, 4, 1.0, None, top_p=0.4), torch.tensor([1.0, 0, 0, 0]))
+    assert torch.allclose(next_token_distribution(logits, 4, 1.0, None, top_p=1.0), torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert cut_at_stop("abc\ndef", "\n") == "abc" and cut_at_stop("abc", "x") == "abc"
+    rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompt", "Hi", "--max-new-tokens", "12",
+                        "--temperature", "0")
+    full = out.rstrip("\n")[2:]
+    assert rc == 0 and len(full) > 2
+    rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompt", "Hi", "--max-new-tokens", "12",
+                        "--temperature", "0", "--stop", full[1:3])
+    assert rc == 0 and out.rstrip("\n") == "Hi" + full[:full.index(full[1:3])]
+    rc, out, err = _cli(capsys, "generate", str(byte_run), "--prompt", "Hi", "--top-p", "0")
+    assert rc == 2 and "--top-p" in err and "Traceback" not in err
