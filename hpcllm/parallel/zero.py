@@ -87,6 +87,7 @@ class Flat:
                               f"collective can move in one call (2^31 - 1 elements)")
         size = self.padded // n
         self.lo, self.hi = rank * size, (rank + 1) * size
+        self._pieces: list[tuple] | None = None
         self.full = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.params: list[torch.nn.Parameter] = []
         self.shard: torch.Tensor | None = None      # this rank's range of the buffer
@@ -101,13 +102,16 @@ class Flat:
         o = self.offsets[i]
         return self.full[o:o + self.numels[i]].view(self.shapes[i])
 
-    def pieces(self):
+    def pieces(self) -> list[tuple]:
         """(name, shape, start, stop in the flattened parameter, start, stop in the shard)
-        of each parameter overlapping this rank's range."""
-        for name, shape, o, k in zip(self.names, self.shapes, self.offsets, self.numels):
-            a, b = max(o, self.lo), min(o + k, self.hi)
-            if a < b:
-                yield name, shape, a - o, b - o, a - self.lo, b - self.lo
+        of each parameter overlapping this rank's range (computed once: the step uses them)."""
+        if self._pieces is None:
+            self._pieces = []
+            for name, shape, o, k in zip(self.names, self.shapes, self.offsets, self.numels):
+                a, b = max(o, self.lo), min(o + k, self.hi)
+                if a < b:
+                    self._pieces.append((name, shape, a - o, b - o, a - self.lo, b - self.lo))
+        return self._pieces
 
     # ---- stage 3: the full buffer exists only while gathered
     def allocate(self) -> None:
@@ -122,8 +126,9 @@ class Flat:
 class Unit:
     """Parameters gathered and reduced together: a block, or the root (the rest)."""
 
-    def __init__(self, name: str, index: int):
-        self.name, self.index = name, index
+    def __init__(self, name: str):
+        self.name = name
+        self.index = 0        # position in ZeroSync.units (forward order)
         self.flats: list[Flat] = []
         self.gathered = True
         self.pending = None   # an all-gather in flight: Horovod handle
@@ -179,7 +184,6 @@ class ZeroSync:
             self.compression = self.hvd.Compression.fp16 if compression == "fp16" else self.hvd.Compression.none
         self.tied = tied if groups.tie is not None else None
         self.duplicate = {self.tied} if (self.tied and groups.last_stage) else set()
-        self.top = module
         self.units: list[Unit] = []
         self.armed = False
         #: all-gathers and reduce-scatters in flight / statistics of the last step
@@ -205,10 +209,10 @@ class ZeroSync:
         specs = [("root", module, [(n, p) for n, p in named if id(p) not in in_block])]
         for i, blk in enumerate(blocks):
             specs.append((f"block{i}", blk, [(n, p) for n, p in named if in_block.get(id(p)) == i]))
-        for index, (uname, call_module, params) in enumerate(specs):
+        for uname, call_module, params in specs:
             if not params:
                 continue
-            unit = Unit(uname, index)
+            unit = Unit(uname)
             by_kind = {"decay": [], "no_decay": [], "tied": []}
             for n, p in params:
                 kind = "tied" if n == self.tied else ("decay" if p.dim() >= 2 else "no_decay")
@@ -253,6 +257,7 @@ class ZeroSync:
                 for f in unit.flats:
                     f.free()
                 unit.gathered = False
+            unit.index = len(self.units)
             self.units.append(unit)
         if not any(u.name == "root" for u in self.units):  # a middle pipeline stage: nothing outside blocks
             module.__class__ = _zero_class(type(module))
@@ -325,7 +330,7 @@ class ZeroSync:
             unit.gathered = False
 
     def _neighbour(self, unit: Unit, step: int) -> Unit | None:
-        i = self.units.index(unit) + step
+        i = unit.index + step
         if 0 <= i < len(self.units) and self.units[i].name != "root":
             return self.units[i]
         return None
