@@ -51,7 +51,20 @@ def opt(default, help: str, flag: str | None = None, choices: tuple | None = Non
 class ModelConfig:
     """Model shape: a preset, optionally with some dimensions overridden."""
 
-    model: str = opt("tiny", "Model preset (tiny, mini, small, 124M, 350M, 760M, 1.3B, 2.7B, 6.7B, 13B, 175B).")
+    model: str = opt("tiny", "Model preset (tiny, mini, small, 124M, 350M, 760M, 1.3B, 2.7B, 6.7B, 13B, 175B; "
+                     "Llama-style: llama-tiny, llama-mini, llama-small, llama-1B, llama-3B, llama-8B).")
+    arch: Optional[str] = opt(None, "Architecture [default: the preset's]: gpt2 (LayerNorm, GELU, tied, biases) or "
+                              "llama (RMSNorm, SwiGLU, rotary halves, grouped-query attention, no biases, untied).",
+                              choices=("gpt2", "llama"))
+    n_kv_head: Optional[int] = opt(None, "Key/value heads (grouped-query attention; llama only; must divide "
+                                   "--n-head) [default: the preset's, else --n-head].", range=AT_LEAST_1)
+    tie_embeddings: Optional[bool] = opt(None, "Tie the output head to the input embedding [default: gpt2 tied, "
+                                         "llama untied; the preset's].")
+    ffn_dim: Optional[int] = opt(None, "MLP hidden size [default: 4 x d_model for gpt2; for llama 8/3 x d_model "
+                                 "rounded up to a multiple of min(256, d_model), or the preset's].", range=AT_LEAST_1)
+    init_from: Optional[str] = opt(None, "Start from a Hugging Face model directory (GPT-2, GPT-NeoX or Llama "
+                                   "safetensors, as `hpcllm export --format hf` writes): its shape replaces "
+                                   "--model, its weights the initialisation; new optimizer, step 0.")
     n_layer: Optional[int] = opt(None, "Override the preset's number of layers.", range=AT_LEAST_1)
     n_head: Optional[int] = opt(None, "Override the preset's number of attention heads.", range=AT_LEAST_1)
     d_model: Optional[int] = opt(None, "Override the preset's model width.", range=AT_LEAST_1)
@@ -423,15 +436,41 @@ def validate(cfg: TrainConfig) -> None:
 
 def resolve_model(mcfg: ModelConfig, vocab_size: int):
     """The GPTConfig for a model section and the dataset's vocabulary."""
-    from hpcllm.model.gpt import PRESETS, preset
+    from dataclasses import replace
 
+    from hpcllm.model.gpt import LLAMA_DEFAULTS, PRESETS
+
+    if getattr(mcfg, "init_from", None):
+        from hpcllm.interop.hf import config_from_hf
+
+        return config_from_hf(mcfg.init_from, mcfg)
     if mcfg.model not in PRESETS:
         raise HpcllmError(f"--model {mcfg.model}: unknown preset (known: {', '.join(PRESETS)})")
+    base = PRESETS[mcfg.model]
+    arch = mcfg.arch or base.arch
+    changes = {}
+    if arch != base.arch:  # a preset's shape trained as the other architecture
+        changes = dict(LLAMA_DEFAULTS) if arch == "llama" else {"arch": "gpt2", "bias": True, "tie_embeddings": True,
+                                                                 "n_kv_head": None, "rope_base": 10000.0}
+    overrides = {"n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "d_model": mcfg.d_model, "seq_len": mcfg.seq_len,
+                 "pos_emb": mcfg.pos_emb, "n_kv_head": getattr(mcfg, "n_kv_head", None),
+                 "tie_embeddings": getattr(mcfg, "tie_embeddings", None), "ffn_dim": getattr(mcfg, "ffn_dim", None)}
+    changes.update({k: v for k, v in overrides.items() if v is not None})
+    if mcfg.n_head is not None and getattr(mcfg, "n_kv_head", None) is None and base.n_kv_head != base.n_head:
+        # the preset's grouping (n_head / n_kv_head) kept for a new head count when it divides
+        group = base.n_head // base.n_kv_head
+        changes["n_kv_head"] = mcfg.n_head // group if mcfg.n_head % group == 0 else mcfg.n_head
+    if arch != "llama" and "n_kv_head" in changes and changes["n_kv_head"] is not None \
+            and changes["n_kv_head"] != changes.get("n_head", base.n_head):
+        raise HpcllmError(f"--n-kv-head {changes['n_kv_head']}: grouped-query attention needs --arch llama")
     try:
-        return preset(mcfg.model, n_layer=mcfg.n_layer, n_head=mcfg.n_head, d_model=mcfg.d_model,
-                      seq_len=mcfg.seq_len, pos_emb=mcfg.pos_emb, vocab_size=vocab_size)
+        return replace(base, vocab_size=vocab_size, **changes)
     except ValueError as e:
-        raise HpcllmError(f"--model {mcfg.model}: {e}") from None
+        msg = str(e)
+        if "n_kv_head" in msg and "does not divide" in msg:
+            msg = (f"--n-kv-head {changes.get('n_kv_head', base.n_kv_head)} does not divide "
+                   f"--n-head {changes.get('n_head', base.n_head)}")
+        raise HpcllmError(f"--model {mcfg.model}: {msg}") from None
 
 
 def effective_config(cfg: TrainConfig, gpt_cfg=None, **extra) -> dict:

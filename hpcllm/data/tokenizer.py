@@ -21,6 +21,9 @@ from hpcllm.errors import HpcllmError, excerpt
 
 #: the end-of-document token of every hpcllm tokenizer
 EOD_TOKEN = "<|endoftext|>"
+#: end-of-document tokens of other families' tokenizers (Llama 3, Llama 2 / Mistral, Gemma),
+#: tried in this order when a tokenizer.json has no EOD_TOKEN and names no eos token
+OTHER_EOD_TOKENS = ("<|end_of_text|>", "</s>", "<eos>")
 
 
 class ByteTokenizer:
@@ -57,7 +60,7 @@ class HFTokenizer:
 
     type = "bpe"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, eod_token: str | None = None):
         try:
             from tokenizers import Tokenizer
         except ImportError as e:  # pragma: no cover - a dependency of hpcllm
@@ -72,20 +75,25 @@ class HFTokenizer:
             raise HpcllmError(f"{path}: not a valid tokenizers tokenizer.json ({excerpt(e)})") from None
         self.path = os.path.abspath(path)
         self.sha256 = hashlib.sha256(data).hexdigest()
-        eod = self._tok.token_to_id(EOD_TOKEN)
+        if eod_token is None:
+            # an HF model directory's tokenizer_config.json names its eos token
+            eod_token = _eos_of_config(os.path.join(os.path.dirname(path), "tokenizer_config.json"))
+        candidates = ([eod_token] if eod_token else []) + [EOD_TOKEN, *OTHER_EOD_TOKENS]
+        eod = next(((t, i) for t in candidates if (i := self._tok.token_to_id(t)) is not None), None)
         if eod is None:
-            raise HpcllmError(f"{path}: the tokenizer has no {EOD_TOKEN} token (train it with `hpcllm tokenizer train`)")
-        self.eod_id = int(eod)
+            raise HpcllmError(f"{path}: the tokenizer has no end-of-document token ({', '.join(candidates[:3])}, ...; "
+                              "train one with `hpcllm tokenizer train`)")
+        self.eod_token, self.eod_id = eod[0], int(eod[1])
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self._fast = getattr(self._tok, "encode_batch_fast", None) or self._tok.encode_batch
         self._can_split = self._splittable()
 
     def __getstate__(self):
         # Workers re-load from the file: tokenizers objects pickle, but this keeps it cheap.
-        return {"path": self.path}
+        return {"path": self.path, "eod_token": self.eod_token}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state.get("eod_token"))
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -166,6 +174,17 @@ class HFTokenizer:
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
+def _eos_of_config(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            tok = json.load(f).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(tok, dict):
+        tok = tok.get("content")
+    return tok if isinstance(tok, str) else None
+
+
 def load_tokenizer(spec: str | None = None) -> Tokenizer:
     """``None``/"byte" gives the byte tokenizer; otherwise ``spec`` is a tokenizer.json path
     (or a dataset directory, whose recorded tokenizer is loaded)."""
@@ -176,6 +195,14 @@ def load_tokenizer(spec: str | None = None) -> Tokenizer:
         if os.path.isfile(os.path.join(spec, "manifest.json")):
             return tokenizer_from_dataset(spec)
         if os.path.isfile(os.path.join(spec, "tokenizer.json")):
+            # an HF model directory; an hpcllm export of a byte-tokenizer model says so
+            cfg = os.path.join(spec, "tokenizer_config.json")
+            try:
+                with open(cfg, encoding="utf-8") as f:
+                    if json.load(f).get("hpcllm_tokenizer") == "byte":
+                        return ByteTokenizer()
+            except (OSError, ValueError, AttributeError):
+                pass
             return HFTokenizer(os.path.join(spec, "tokenizer.json"))
         raise HpcllmError(f"{spec}: directory holds neither a manifest.json nor a tokenizer.json")
     return HFTokenizer(spec)

@@ -1,9 +1,18 @@
 """A decoder-only GPT in plain PyTorch: no parallelism inside, parallel/ wraps it.
 
-Pre-LayerNorm blocks, causal self-attention through ``F.scaled_dot_product_attention``,
-GELU MLP (4x), input and output embeddings tied, learned or rotary positions, GPT-2
-initialisation, no dropout. The vocabulary is padded to a multiple of 64 so the embedding
-and head matmuls hit fast kernel shapes; padded ids are never targets.
+Two architectures share the module tree (and so the parameter names, the pipeline split,
+ZeRO units and checkpoints):
+
+- ``arch="gpt2"``: pre-LayerNorm blocks, GELU MLP (4x), input and output embeddings tied,
+  learned or rotary positions (rotary rotates interleaved pairs), biases;
+- ``arch="llama"``: RMSNorm, SwiGLU MLP (``mlp.fc`` holds gate and up rows, hidden size
+  8/3 d rounded up to a multiple), rotary positions rotating halves (as Llama and
+  ``transformers`` do), grouped-query attention (``n_kv_head``), no biases, an untied
+  ``lm_head`` unless ``tie_embeddings``.
+
+Causal self-attention runs through ``F.scaled_dot_product_attention``; GPT-2
+initialisation, no dropout. The vocabulary is padded to a multiple of 64 (``vocab_multiple``)
+so the embedding and head matmuls hit fast kernel shapes; padded ids are never targets.
 
 Initialisation is deterministic *per parameter name*: :func:`init_parameters` draws each
 parameter from its own generator seeded by ``(seed, name)``. A pipeline stage that holds only
@@ -45,9 +54,24 @@ class GPTConfig:
     rope_base: float = 10000.0
     name: str = "custom"
     """The preset this shape came from (informational)."""
+    arch: str = "gpt2"
+    """'gpt2' or 'llama' (see the module doc)."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention, llama only); None: n_head."""
+    tie_embeddings: bool = True
+    """The head reuses the input embedding matrix (False: a separate ``lm_head``)."""
+    ffn_dim: int | None = None
+    """Hidden size of the MLP; None: mlp_ratio x d_model (gpt2) or :func:`llama_ffn_dim`."""
+    gelu_approx: str = "none"
+    """GELU form of the gpt2 MLP: 'none' (exact erf, hpcllm's default) or 'tanh' (OpenAI GPT-2's)."""
+    vocab_multiple: int = VOCAB_MULTIPLE
+    """Embedding rows are padded to a multiple of this (1: exactly vocab_size, as imports keep)."""
 
     def __post_init__(self):
-        for f in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio"):
+        if self.n_kv_head is None:
+            object.__setattr__(self, "n_kv_head", self.n_head)
+        for f in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size", "mlp_ratio", "n_kv_head",
+                  "vocab_multiple") + (("ffn_dim",) if self.ffn_dim is not None else ()):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1, not {v!r}")
@@ -57,6 +81,22 @@ class GPTConfig:
                 raise ValueError(f"{f} must be a finite number > 0, not {v!r}")
         if not isinstance(self.bias, bool):
             raise ValueError(f"bias must be true or false, not {self.bias!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be true or false, not {self.tie_embeddings!r}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+        if self.gelu_approx not in ("none", "tanh"):
+            raise ValueError(f"gelu_approx must be 'none' or 'tanh', not {self.gelu_approx!r}")
+        if self.arch == "llama":
+            if self.pos_emb != "rope":
+                raise ValueError("arch llama uses rotary positions (pos_emb 'rope'), not learned ones")
+            if self.bias:
+                raise ValueError("arch llama has no biases (bias must be false)")
+        elif self.n_kv_head != self.n_head:
+            raise ValueError(f"grouped-query attention (n_kv_head {self.n_kv_head} < n_head {self.n_head}) "
+                             "needs arch llama")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head {self.n_kv_head} does not divide n_head {self.n_head}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.pos_emb not in ("learned", "rope"):
@@ -69,16 +109,54 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
+    def kv_dim(self) -> int:
+        """Width of the keys (and of the values): n_kv_head x head_dim."""
+        return self.n_kv_head * self.head_dim
+
+    @property
+    def hidden_dim(self) -> int:
+        """The MLP's hidden size (llama: of the gate and of the up projection each)."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return llama_ffn_dim(self.d_model) if self.arch == "llama" else self.mlp_ratio * self.d_model
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one LayerNorm/RMSNorm."""
+        return 2 * self.d_model if (self.arch == "gpt2" and self.bias) else self.d_model
+
+    @property
     def padded_vocab(self) -> int:
-        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _preset(name, n_layer, n_head, d_model, seq_len, vocab_size=GPT2_VOCAB):
+ARCHS = ("gpt2", "llama")
+#: Llama 3's vocabulary, the default of the llama presets
+LLAMA3_VOCAB = 128256
+
+
+def llama_ffn_dim(d_model: int) -> int:
+    """Llama's MLP hidden size rule: 8/3 d rounded up to a multiple of min(256, d)
+    (d 4096 -> 11008, as Llama 2 7B; d 2048 -> 5632, as TinyLlama)."""
+    multiple = min(256, d_model)
+    return -(-int(8 * d_model / 3) // multiple) * multiple
+
+
+def _preset(name, n_layer, n_head, d_model, seq_len, vocab_size=GPT2_VOCAB, **kw):
     return GPTConfig(n_layer=n_layer, n_head=n_head, d_model=d_model, seq_len=seq_len,
-                     vocab_size=vocab_size, name=name)
+                     vocab_size=vocab_size, name=name, **kw)
+
+
+def _llama(name, n_layer, n_head, n_kv_head, d_model, seq_len, vocab_size=LLAMA3_VOCAB, **kw):
+    return _preset(name, n_layer, n_head, d_model, seq_len, vocab_size, arch="llama", pos_emb="rope",
+                   bias=False, n_kv_head=n_kv_head, tie_embeddings=kw.pop("tie_embeddings", False), **kw)
+
+
+#: what ``arch="llama"`` changes when a gpt2 preset is trained as a Llama (``--arch llama``)
+LLAMA_DEFAULTS = {"arch": "llama", "pos_emb": "rope", "bias": False, "tie_embeddings": False}
 
 
 #: Named shapes. The test presets use the byte vocabulary (257); the others are the GPT-2
@@ -97,6 +175,14 @@ PRESETS: dict[str, GPTConfig] = {p.name: p for p in [
     _preset("6.7B", 32, 32, 4096, 2048),
     _preset("13B", 40, 40, 5120, 2048),
     _preset("175B", 96, 96, 12288, 2048),
+    # Llama-style: test shapes on the byte vocabulary, then the Llama 3.2 1B / 3B and
+    # Llama 3.1 8B shapes (parameter counts 1,235,814,400 / 3,212,749,824 / 8,030,261,248)
+    _llama("llama-tiny", 2, 4, 2, 64, 128, 257),
+    _llama("llama-mini", 4, 4, 2, 128, 256, 257),
+    _llama("llama-small", 4, 4, 2, 256, 256, 257),
+    _llama("llama-1B", 16, 32, 8, 2048, 8192, ffn_dim=8192, rope_base=500000.0, tie_embeddings=True),
+    _llama("llama-3B", 28, 24, 8, 3072, 8192, ffn_dim=8192, rope_base=500000.0, tie_embeddings=True),
+    _llama("llama-8B", 32, 32, 8, 4096, 8192, ffn_dim=14336, rope_base=500000.0),
 ]}
 
 
@@ -110,24 +196,27 @@ def preset(name: str, **overrides) -> GPTConfig:
 # --------------------------------------------------------------------------- counting
 
 
+def _block_matmul_weights(cfg: GPTConfig) -> int:
+    d, h, qkv = cfg.d_model, cfg.hidden_dim, cfg.d_model + 2 * cfg.kv_dim
+    mlp = 3 * d * h if cfg.arch == "llama" else 2 * d * h
+    return d * qkv + d * d + mlp
+
+
 def block_param_count(cfg: GPTConfig) -> int:
     """Parameters of one transformer block."""
-    d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-    b = 1 if cfg.bias else 0
-    ln = 2 * d
-    attn = d * 3 * d + b * 3 * d + d * d + b * d
-    mlp = d * h + b * h + h * d + b * d
-    return 2 * ln + attn + mlp
+    d, h, qkv = cfg.d_model, cfg.hidden_dim, cfg.d_model + 2 * cfg.kv_dim
+    biases = (qkv + d + h + d) if cfg.bias else 0
+    return 2 * cfg.norm_params + _block_matmul_weights(cfg) + biases
 
 
 def param_count(cfg: GPTConfig, embeddings: bool = True) -> int:
-    """Exact number of parameters of ``GPT(cfg)`` (tied head counted once).
+    """Exact number of parameters of ``GPT(cfg)`` (a tied head counted once).
 
-    With ``embeddings=False``: the non-embedding count (blocks and final LayerNorm).
+    With ``embeddings=False``: the non-embedding count (blocks and final norm).
     """
-    n = cfg.n_layer * block_param_count(cfg) + 2 * cfg.d_model
+    n = cfg.n_layer * block_param_count(cfg) + cfg.norm_params
     if embeddings:
-        n += cfg.padded_vocab * cfg.d_model
+        n += cfg.padded_vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         if cfg.pos_emb == "learned":
             n += cfg.seq_len * cfg.d_model
     return n
@@ -136,13 +225,13 @@ def param_count(cfg: GPTConfig, embeddings: bool = True) -> int:
 def flops_per_token(cfg: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM's MFU convention.
 
-    Forward: 2 FLOPs per multiply-add for every matmul weight of the blocks, plus the tied
+    Forward: 2 FLOPs per multiply-add for every matmul weight of the blocks, plus the
     output head (d_model x padded vocab), plus attention scores and weighted values
     (2 x 2 x seq_len x d_model per layer, counted without the causal half-saving).
-    Embedding lookups, LayerNorms, biases and softmax are not counted.
+    Embedding lookups, norms, biases, activations and softmax are not counted.
     """
-    d, h = cfg.d_model, cfg.mlp_ratio * cfg.d_model
-    matmul_weights = cfg.n_layer * (4 * d * d + 2 * d * h) + d * cfg.padded_vocab
+    d = cfg.d_model
+    matmul_weights = cfg.n_layer * _block_matmul_weights(cfg) + d * cfg.padded_vocab
     attention = cfg.n_layer * 2 * cfg.seq_len * d
     return 3 * (2 * matmul_weights + 2 * attention)
 
@@ -158,10 +247,16 @@ def _rope_cos_sin(seq_len: int, head_dim: int, base: float, device, dtype):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (even, odd) of the last dim of ``x`` (B, H, T, hd)."""
+    """Rotate pairs (even, odd) of the last dim of ``x`` (B, H, T, hd): gpt2's rotary."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.flatten(-2)
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate element i with element i + hd/2 (Llama's and ``transformers``' convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class KVCache:
@@ -170,6 +265,7 @@ class KVCache:
     given the cache attends to them and appends its own (training never passes one)."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+        # n_head: the key/value heads (fewer than the query heads with grouped-query attention)
         self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.max_len, self.pos = max_len, 0
@@ -199,19 +295,25 @@ class _LayerKV:
 
 
 class CausalSelfAttention(nn.Module):
+    """Fused q/k/v projection (rows: the n_head query heads, then the n_kv_head key heads,
+    then the value heads), rotary or no positions, output projection."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.rope = cfg.pos_emb == "rope"
+        self.rotate = apply_rope_half if cfg.arch == "llama" else apply_rope
         self.rope_base = cfg.rope_base
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * cfg.kv_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        kvd = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((C, kvd, kvd), dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         start = kv.cache.pos if kv is not None else 0
         if self.rope:
             # recomputed per call (cheap next to the matmuls) so no state sits outside the
@@ -222,11 +324,15 @@ class CausalSelfAttention(nn.Module):
             else:  # per-row positions (left-padded batches): (B, 1, T, hd/2)
                 cos, sin = _rope_cos_sin(int(positions.max()) + 1, self.head_dim, self.rope_base, x.device, q.dtype)
                 cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        if kv is not None:  # the cache keeps the n_kv_head heads only
+            k, v = kv.update(k, v)
+        if self.n_kv_head != self.n_head:  # query head h reads key/value head h // group
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if kv is None:
             y = causal_attention(q, k, v)
         else:  # generation: the new positions attend to every cached one and causally among themselves
-            k, v = kv.update(k, v)
             keys = torch.arange(start + T, device=x.device)[None, :]
             queries = torch.arange(start, start + T, device=x.device)[:, None]
             # real keys only (a padding query sees itself, so no row is all -inf)
@@ -260,25 +366,41 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 class MLP(nn.Module):
+    """gpt2: proj(gelu(fc(x))). llama (SwiGLU): ``fc`` yields gate and up (rows [gate; up]),
+    proj(silu(gate) * up)."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.swiglu = cfg.arch == "llama"
+        self.approximate = cfg.gelu_approx
+        h = cfg.hidden_dim
+        self.fc = nn.Linear(cfg.d_model, 2 * h if self.swiglu else h, bias=cfg.bias)
+        self.proj = nn.Linear(h, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        # exact (erf) GELU: on CPUs twice as fast as GPT-2's tanh approximation (forward +
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        # exact (erf) GELU by default: on CPUs twice as fast as GPT-2's tanh approximation (forward +
         # backward of 4096 x 1024 in bf16: 4.1-4.9 vs 10.1 ms, benchmarks/train.py --parts kernels)
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate=self.approximate))
+
+
+def norm(cfg: GPTConfig) -> nn.Module:
+    """The block's and the final norm: LayerNorm (gpt2) or RMSNorm (llama)."""
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.ln_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias)
+        self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, kv=None, positions=None):
@@ -297,9 +419,10 @@ class GPT(nn.Module):
     ``layers`` (a range) selects the blocks held; ``embed``/``head`` whether this module holds
     the token (and position) embeddings and the final LayerNorm + tied head. With a slice,
     ``blocks`` is a ModuleDict keyed by the global block index, so parameter names
-    (``blocks.5.attn.qkv.weight``) are those of the whole model. A module with ``head`` but
-    not ``embed`` still owns a ``wte`` (the tied head weight); keeping the two copies equal
-    is the pipeline's job. ``init_seed`` is passed to :meth:`init_weights` (None: leave
+    (``blocks.5.attn.qkv.weight``) are those of the whole model. With tied embeddings a
+    module with ``head`` but not ``embed`` still owns a ``wte`` (the tied head weight);
+    keeping the two copies equal is the pipeline's job. Untied, the head is ``lm_head``
+    (``lm_head`` is None when tied). ``init_seed`` is passed to :meth:`init_weights` (None: leave
     PyTorch's default initialisation, e.g. before loading a checkpoint).
     """
 
@@ -310,13 +433,15 @@ class GPT(nn.Module):
         self.has_embed, self.has_head = embed, head
         whole = layers is None
         self.layer_ids = list(range(cfg.n_layer)) if whole else list(layers)
-        self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model) if (embed or head) else None
+        tied = cfg.tie_embeddings
+        self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model) if (embed or (head and tied)) else None
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if (embed and cfg.pos_emb == "learned") else None
         if whole:
             self.blocks = nn.ModuleList(Block(cfg) for _ in self.layer_ids)
         else:
             self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps, bias=cfg.bias) if head else None
+        self.ln_f = norm(cfg) if head else None
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False) if (head and not tied) else None
         if init_seed is not None:  # None: the caller loads or initialises the weights itself
             self.init_weights(init_seed)
 
@@ -341,12 +466,13 @@ class GPT(nn.Module):
 
     def new_kv_cache(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty cache for generating with this (whole) model."""
-        w = self.wte.weight
-        return KVCache(len(self.block_list()), batch, self.cfg.n_head, max_len or self.cfg.seq_len,
+        w = self.ln_f.weight
+        return KVCache(len(self.block_list()), batch, self.cfg.n_kv_head, max_len or self.cfg.seq_len,
                        self.cfg.head_dim, device or w.device, dtype or w.dtype)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.ln_f(x), self.wte.weight)
+        x = self.ln_f(x)
+        return self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv: KVCache | None = None,
                 positions: torch.Tensor | None = None):
@@ -382,7 +508,7 @@ def _name_seed(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def init_parameters(named_params, seed: int, n_layer: int) -> None:
-    """GPT-2 init by name: LayerNorm weight 1, biases 0, residual output projections
+    """GPT-2 init by name: norm weights 1, biases 0, residual output projections
     (``attn.proj``, ``mlp.proj``) N(0, 0.02/sqrt(2 n_layer)), everything else N(0, 0.02).
 
     Values are drawn on the CPU in fp32 from a generator seeded by ``(seed, name)`` and then

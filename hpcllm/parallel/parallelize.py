@@ -120,7 +120,8 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
                                 timeout_s=pcfg.stall_shutdown_s)
     else:
         runner = AccumulationRunner(module, device, autocast)
-    tied = TIED if (groups.dims.pp > 1 and (groups.first_stage or groups.last_stage)) else None
+    tied = TIED if (groups.dims.pp > 1 and gpt_cfg.tie_embeddings and (groups.first_stage or groups.last_stage)) \
+        else None
     if zero:
         from hpcllm.model.gpt import init_parameters
         from hpcllm.parallel.zero import ZeroSync

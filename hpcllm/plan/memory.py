@@ -88,6 +88,8 @@ class Shape:
     block_flops_per_token: float
     head_flops_per_token: float
     name: str = "custom"
+    tied: bool = True
+    """The head is the embedding matrix (one copy in a one-stage model)."""
 
     @classmethod
     def from_config(cls, cfg) -> "Shape":
@@ -96,14 +98,16 @@ class Shape:
         block = gpt.block_param_count(cfg)
         embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
         total = gpt.param_count(cfg)
-        head = total - embed - cfg.n_layer * block + cfg.padded_vocab * cfg.d_model
+        # final norm + head matrix (tied: a copy of the embedding the total counted once)
+        tied = getattr(cfg, "tie_embeddings", True)
+        head = total - embed - cfg.n_layer * block + (cfg.padded_vocab * cfg.d_model if tied else 0)
         fpt = float(gpt.flops_per_token(cfg))
         head_f = 3.0 * 2 * cfg.d_model * cfg.padded_vocab
         return cls(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=cfg.seq_len,
                    vocab=cfg.padded_vocab, params=total, block_params=block, embed_params=embed,
                    head_params=head, flops_per_token=fpt,
                    block_flops_per_token=(fpt - head_f) / cfg.n_layer, head_flops_per_token=head_f,
-                   name=getattr(cfg, "name", "custom"))
+                   name=getattr(cfg, "name", "custom"), tied=tied)
 
 
 @dataclass(frozen=True)
@@ -287,7 +291,7 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     P = setup.pipeline_stages
     first, last = stage == 0, stage == P - 1
     n = layers * shape.block_params + (shape.embed_params if first else 0) + (shape.head_params if last else 0)
-    if first and last:
+    if first and last and shape.tied:
         n -= shape.vocab * shape.d_model  # one model: the head is tied to the embedding
     Z, D = setup.zero_stage, setup.data_parallel
     shard = D if Z else 1
@@ -304,7 +308,7 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     if Z >= 3:
         # the root unit stays gathered through the step; the current and the prefetched block
         root = (shape.embed_params if first else 0) + (shape.head_params if last else 0)
-        if first and last:
+        if first and last and shape.tied:
             root -= shape.vocab * shape.d_model
         zero_buffers += 4 * root + 2 * 4 * shape.block_params
     elif Z >= 1:

@@ -122,11 +122,11 @@ def explicit(counts: list[int], n_layer: int, stages: int) -> Partition:
 
 def param_costs(cfg) -> PieceCosts:
     """Parameter counts of the embedding, each block and the head (tied: the last stage
-    keeps its own copy of the embedding matrix, so it counts there too)."""
+    keeps its own copy of the embedding matrix, so it counts there too; untied: its lm_head)."""
     from hpcllm.model.gpt import block_param_count
 
     embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
-    head = cfg.padded_vocab * cfg.d_model + 2 * cfg.d_model
+    head = cfg.padded_vocab * cfg.d_model + cfg.norm_params
     return PieceCosts(embed=float(embed), blocks=(float(block_param_count(cfg)),) * cfg.n_layer, head=float(head))
 
 

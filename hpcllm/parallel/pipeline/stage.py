@@ -61,7 +61,7 @@ class PipelineStage(torch.nn.Module):
 
     def tied_parameter(self) -> torch.nn.Parameter | None:
         """The embedding/head matrix when this stage is the first or the last (P > 1)."""
-        if self.stages > 1 and (self.first or self.last):
+        if self.stages > 1 and (self.first or self.last) and self.cfg.tie_embeddings:
             return self.gpt.wte.weight
         return None
 
@@ -73,7 +73,8 @@ class PipelineStage(torch.nn.Module):
             x = blk(x)
         if not self.last:
             return x
-        with self.head_context() if self.head_context else contextlib.nullcontext():
+        # an untied head is an nn.Linear, which the deferral routes without the mode
+        with self.head_context() if (self.head_context and g.lm_head is None) else contextlib.nullcontext():
             logits = g.logits(x)
         return lm_loss(logits, targets)
 
@@ -84,10 +85,11 @@ def activation_dtype(cfg: GPTConfig, autocast_factory, device="cpu") -> torch.dt
     Probed on a 1-layer, 1-token copy of a block (the residual stream usually stays fp32
     under autocast; a model run fully in bf16 sends bf16).
     """
+    from dataclasses import replace
+
     from hpcllm.model.gpt import Block
 
-    small = GPTConfig(n_layer=1, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=2, vocab_size=cfg.vocab_size,
-                      pos_emb=cfg.pos_emb, mlp_ratio=cfg.mlp_ratio, bias=cfg.bias)
+    small = replace(cfg, n_layer=1, seq_len=2)
     blk = Block(small).to(device)
     with torch.no_grad(), autocast_factory():
         out = blk(torch.zeros(1, 2, cfg.d_model, device=device))

@@ -1,0 +1,1 @@
+"""Models in and out of hpcllm: Hugging Face transformers checkpoints (hf.py), safetensors."""
