@@ -29,7 +29,8 @@ setup(
         "psutil>=5.9",
         "tomli>=2.0; python_version<'3.11'",
     ],
-    extras_require={"horovod": ["horovod==0.28.1"], "test": ["pytest>=7.4", "pytest-timeout>=2.2"]},
+    extras_require={"horovod": ["horovod==0.28.1"], "tensorboard": ["tensorboard>=2.14"],
+                    "test": ["pytest>=7.4", "pytest-timeout>=2.2"]},
     entry_points={"console_scripts": ["hpcllm=hpcllm.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux"],
 )

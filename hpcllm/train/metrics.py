@@ -1,4 +1,5 @@
-"""Training metrics: throughput, MFU, RUN_DIR/metrics.jsonl and the console line (rank 0).
+"""Training metrics: throughput, MFU, RUN_DIR/metrics.jsonl, its scalars as TensorBoard event
+files in RUN_DIR/tensorboard/ (:mod:`hpcllm.train.tensorboard`) and the console line (rank 0).
 
 One JSON object per log interval::
 
@@ -161,10 +162,15 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 class MetricsLogger:
-    """Aggregates steps into log intervals; rank 0 writes the jsonl and prints the line."""
+    """Aggregates steps into log intervals; rank 0 writes the jsonl and prints the line.
+
+    ``tensorboard_from``: the step training starts from (the resumed checkpoint's, or 0):
+    the enabled logger also writes each record's scalars to ``RUN/tensorboard/`` event files
+    (:mod:`hpcllm.train.tensorboard`); None: no event files. :meth:`close` ends them.
+    """
 
     def __init__(self, run_dir, *, enabled: bool, flops_per_token: int, peak_flops_total: float,
-                 tokens_per_step: int, total_steps: int, echo=print):
+                 tokens_per_step: int, total_steps: int, echo=print, tensorboard_from: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
         self.flops_per_token = flops_per_token
@@ -172,7 +178,17 @@ class MetricsLogger:
         self.tokens_per_step = tokens_per_step
         self.total_steps = total_steps
         self.echo = echo
+        self.tensorboard = None
+        if enabled and tensorboard_from is not None:  # the rank that writes metrics.jsonl, no other
+            from hpcllm.train.tensorboard import TensorBoardWriter
+
+            self.tensorboard = TensorBoardWriter(run_dir, tensorboard_from, echo=echo)
         self._reset()
+
+    def close(self) -> None:
+        """Close the event files (their last records are already flushed)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def _reset(self):
         self._losses, self._time, self._sync, self._steps = [], 0.0, 0.0, 0
@@ -217,6 +233,8 @@ class MetricsLogger:
                 print(f"warning: {self.path}: cannot append metrics ({e.strerror or e}; {free_space(self.path)}); "
                       "training goes on without them", flush=True)
                 self._write_warned = True
+        if self.tensorboard is not None:
+            self.tensorboard.write(rec)
 
     def console_line(self, rec: dict) -> str:
         parts = [f"step {rec['step']:>{len(str(self.total_steps))}}/{self.total_steps}"]

@@ -214,7 +214,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
 
     metrics = MetricsLogger(run_dir, enabled=groups.is_root, flops_per_token=fpt, peak_flops_total=peak * groups.size,
                             tokens_per_step=tokens_per_step, total_steps=cfg.steps,
-                            echo=lambda s: print(s, flush=True))
+                            echo=lambda s: print(s, flush=True), tensorboard_from=start_step)
     tok_file = tokenizer_file(info)
 
     def save(step: int) -> Path:
@@ -262,12 +262,14 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
                    f"checkpoint: {good if good is not None else 'none'}")
             if groups.is_root:
                 print(f"error: {msg}", file=sys.stderr, flush=True)
+            metrics.close()
             return exitcodes.FAILURE
         if agreed.overflow:
             if not scaler.enabled:
                 if groups.is_root:
                     print(f"error: non-finite gradient norm at step {step + 1} (loss {agreed.loss:.4f}); "
                           "stopping", file=sys.stderr, flush=True)
+                metrics.close()
                 return exitcodes.FAILURE
             skipped_in_interval += 1  # every rank skips alike: the norm was agreed
         else:
@@ -324,11 +326,13 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             if last_saved != done:
                 save(done)
             _drain(grad_sync, groups)
+            metrics.close()  # every exit closes the event files (the job may end right after)
             return exitcodes.REQUEUE
         if (c.ckpt_every and done % c.ckpt_every == 0) or done == cfg.steps:
             save(done)
             last_saved = done
     _drain(grad_sync, groups)
+    metrics.close()
     log(groups, f"done: {cfg.steps} steps")
     return exitcodes.OK
 
