@@ -21,7 +21,6 @@ Other commands reuse the generated options: ``hpcllm slurm train`` takes the sam
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -440,10 +439,7 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
 
     from hpcllm.model.gpt import LLAMA_DEFAULTS, PRESETS
 
-    if getattr(mcfg, "init_from", None):
-        from hpcllm.interop.hf import config_from_hf
-
-        return config_from_hf(mcfg.init_from, mcfg)
+    # (--init-from: the shape is the model directory's, see hpcllm.interop.hf.config_from_hf)
     if mcfg.model not in PRESETS:
         raise HpcllmError(f"--model {mcfg.model}: unknown preset (known: {', '.join(PRESETS)})")
     base = PRESETS[mcfg.model]

@@ -10,8 +10,10 @@ PKG = Path(__file__).resolve().parents[1] / "hpcllm"
 ALLOWED = {
     "model": set(),
     "parallel": {"model"},
-    "train": {"model", "parallel", "data"},
+    "train": {"model", "parallel", "data", "interop.hf", "interop.safetensors_io"},
     "infer": {"model", "data", "train.checkpoint"},
+    # reading HF directories needs the model and tokenizers; writing them reads any checkpoint
+    "interop": {"model", "data", "train.checkpoint", "infer"},
 }
 #: leaf modules anything may import
 LEAVES = {"errors", "fileio", "exitcodes", "config", "schema", "options", "locking"}

@@ -23,7 +23,7 @@ def export(checkpoint, out, fmt, dtype, max_shard_mb):
     state dict and the tokenizer, or into a Hugging Face model directory. Checkpoints of any
     layout (pipeline stages, replicas, ZeRO shards) are merged by parameter name."""
     if fmt == "hf":
-        from hpcllm.interop.hf import DEFAULT_MAX_SHARD_BYTES, export_hf
+        from hpcllm.interop.hf_export import DEFAULT_MAX_SHARD_BYTES, export_hf
 
         shard = max_shard_mb * 1024 * 1024 if max_shard_mb else DEFAULT_MAX_SHARD_BYTES
         info = export_hf(checkpoint, out, dtype=dtype or "fp32", max_shard_bytes=shard)

@@ -26,9 +26,6 @@ three classes whose shape hpcllm expresses; anything else is a one-line error na
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -242,66 +239,66 @@ def config_from_hf_dict(config: dict, where: str, seq_len: int | None = None, na
         raise HpcllmError(f"{where}: {e}") from None
 
 
-def state_from_hf(cfg, get, keys, where: str, n_positions: int | None = None) -> dict:
-    """hpcllm's state dict (fp32, by hpcllm name) from HF tensors (``get(name)``)."""
-    d, L = cfg.d_model, cfg.n_layer
-    keys = set(keys)
-
-    def t(name):
-        if name not in keys:
-            raise HpcllmError(f"{where}: no tensor {name} (not a complete {hf_class(cfg)} checkpoint)")
-        return get(name).float()
-
-    s = {}
+def hf_source(cfg, name: str, t, has) -> torch.Tensor:
+    """hpcllm tensor ``name`` (fp32) built from HF tensors: ``t(hf_name)`` reads one, ``has(hf_name)``
+    tells whether it exists. One tensor at a time, so a rank reads only what it holds."""
+    d = cfg.d_model
+    if name == "lm_head.weight":
+        # NeoX's head: embed_out in transformers 4 (and in exports), lm_head since 5
+        neox = cfg.arch == "gpt2" and cfg.pos_emb == "rope"
+        return t("embed_out.weight" if neox and has("embed_out.weight") else "lm_head.weight")
     if cfg.arch == "llama":
-        s["wte.weight"] = t("model.embed_tokens.weight")
-        for i in range(L):
-            p, q = f"blocks.{i}.", f"model.layers.{i}."
-            s[p + "ln_1.weight"] = t(q + "input_layernorm.weight")
-            s[p + "attn.qkv.weight"] = torch.cat([t(q + f"self_attn.{x}_proj.weight") for x in "qkv"])
-            s[p + "attn.proj.weight"] = t(q + "self_attn.o_proj.weight")
-            s[p + "ln_2.weight"] = t(q + "post_attention_layernorm.weight")
-            s[p + "mlp.fc.weight"] = torch.cat([t(q + "mlp.gate_proj.weight"), t(q + "mlp.up_proj.weight")])
-            s[p + "mlp.proj.weight"] = t(q + "mlp.down_proj.weight")
-        s["ln_f.weight"] = t("model.norm.weight")
-        head = "lm_head.weight"
-    elif cfg.pos_emb == "learned":
-        pre = "transformer." if "transformer.wte.weight" in keys else ""
-        s["wte.weight"] = t(pre + "wte.weight")
-        s["wpe.weight"] = t(pre + "wpe.weight")[:cfg.seq_len]
-        for i in range(L):
-            p, q = f"blocks.{i}.", f"{pre}h.{i}."
-            for a, b in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
-                s[p + a + ".weight"], s[p + a + ".bias"] = t(q + b + ".weight"), t(q + b + ".bias")
-            for a, b in (("attn.qkv", "attn.c_attn"), ("attn.proj", "attn.c_proj"), ("mlp.fc", "mlp.c_fc"),
-                         ("mlp.proj", "mlp.c_proj")):
-                s[p + a + ".weight"] = t(q + b + ".weight").t().contiguous()
-                s[p + a + ".bias"] = t(q + b + ".bias")
-        s["ln_f.weight"], s["ln_f.bias"] = t(pre + "ln_f.weight"), t(pre + "ln_f.bias")
-        head = "lm_head.weight"
-    else:
-        n, hd = cfg.n_head, cfg.head_dim
+        top = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+        if name in top:
+            return t(top[name])
+        i, rest = _block(name)
+        q = f"model.layers.{i}."
+        if rest == "attn.qkv.weight":
+            return torch.cat([t(q + f"self_attn.{x}_proj.weight") for x in "qkv"])
+        if rest == "mlp.fc.weight":
+            return torch.cat([t(q + "mlp.gate_proj.weight"), t(q + "mlp.up_proj.weight")])
+        return t(q + {"ln_1.weight": "input_layernorm.weight", "attn.proj.weight": "self_attn.o_proj.weight",
+                      "ln_2.weight": "post_attention_layernorm.weight", "mlp.proj.weight": "mlp.down_proj.weight"}[rest])
+    if cfg.pos_emb == "learned":
+        pre = "transformer." if has("transformer.wte.weight") else ""
+        if name == "wpe.weight":
+            return t(pre + "wpe.weight")[:cfg.seq_len]
+        if not name.startswith("blocks."):
+            return t(pre + name)  # wte, ln_f: the same names
+        i, rest = _block(name)
+        mod, kind = rest.rsplit(".", 1)
+        hf = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc",
+              "mlp.proj": "mlp.c_proj"}.get(mod, mod)
+        v = t(f"{pre}h.{i}.{hf}.{kind}")
+        return v.t().contiguous() if (kind == "weight" and mod not in ("ln_1", "ln_2")) else v
+    # GPT-NeoX
+    top = {"wte.weight": "gpt_neox.embed_in.weight", "ln_f.weight": "gpt_neox.final_layer_norm.weight",
+           "ln_f.bias": "gpt_neox.final_layer_norm.bias"}
+    if name in top:
+        return t(top[name])
+    i, rest = _block(name)
+    q = f"gpt_neox.layers.{i}."
+    n, hd = cfg.n_head, cfg.head_dim
+    if rest.startswith("attn.qkv."):
+        kind = rest.rsplit(".", 1)[1]
+        src = q + "attention.query_key_value." + kind
+        if kind == "bias" and not has(src):  # attention_bias false
+            return torch.zeros(3 * d)
         back = torch.argsort(_rope_pairs_to_halves(hd))
-        s["wte.weight"] = t("gpt_neox.embed_in.weight")
-        for i in range(L):
-            p, q = f"blocks.{i}.", f"gpt_neox.layers.{i}."
-            w = t(q + "attention.query_key_value.weight").reshape(n, 3, hd, d).permute(1, 0, 2, 3).clone()
-            qb = q + "attention.query_key_value.bias"
-            b = (t(qb) if qb in keys else torch.zeros(3 * d)).reshape(n, 3, hd).permute(1, 0, 2).clone()
-            w[:2], b[:2] = w[:2][:, :, back], b[:2][:, :, back]
-            s[p + "attn.qkv.weight"], s[p + "attn.qkv.bias"] = w.reshape(3 * d, d), b.reshape(3 * d)
-            s[p + "attn.proj.weight"] = t(q + "attention.dense.weight")
-            db = q + "attention.dense.bias"
-            s[p + "attn.proj.bias"] = t(db) if db in keys else torch.zeros(d)
-            for a, b_ in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm"),
-                          ("mlp.fc", "mlp.dense_h_to_4h"), ("mlp.proj", "mlp.dense_4h_to_h")):
-                s[p + a + ".weight"], s[p + a + ".bias"] = t(q + b_ + ".weight"), t(q + b_ + ".bias")
-        s["ln_f.weight"] = t("gpt_neox.final_layer_norm.weight")
-        s["ln_f.bias"] = t("gpt_neox.final_layer_norm.bias")
-        head = "embed_out.weight"
-    if not cfg.tie_embeddings:
-        s["lm_head.weight"] = t(head)
-    return s
+        v = t(src).reshape(n, 3, hd, -1).permute(1, 0, 2, 3).clone()  # (3, n, hd, d or 1)
+        v[:2] = v[:2][:, :, back]
+        return v.reshape(3 * d, d) if kind == "weight" else v.reshape(3 * d)
+    mod, kind = rest.rsplit(".", 1)
+    hf = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.proj": "attention.dense",
+          "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h"}[mod]
+    if kind == "bias" and mod == "attn.proj" and not has(q + hf + ".bias"):
+        return torch.zeros(d)
+    return t(q + hf + "." + kind)
+
+
+def _block(name: str) -> tuple[int, str]:
+    _, i, rest = name.split(".", 2)
+    return int(i), rest
 
 
 # --------------------------------------------------------------------------- the byte tokenizer
@@ -378,7 +375,7 @@ class HFWeights:
             raise HpcllmError(f"{cfg_file}: not a JSON object")
         self.cfg = config_from_hf_dict(self.hf_config, str(cfg_file), seq_len, name=f"hf:{self.dir.name}")
         self.files, _ = _tensor_files(self.dir)
-        self._state = None
+        self._owner, self._readers, self._ref = None, [], None
 
     def tokenizer(self):
         """The directory's tokenizer (hpcllm's byte tokenizer when an hpcllm export says so),
@@ -392,55 +389,67 @@ class HFWeights:
             return HFTokenizer(str(self.dir / "tokenizer.json"), eod_token=_token_text(tc.get("eos_token")))
         return None
 
-    def state(self) -> dict:
-        """The whole model's tensors by hpcllm name (fp32), read once."""
-        if self._state is None:
-            readers, keys, owner = [], set(), {}
-            try:
-                for f in self.files:
-                    if f.suffix == ".bin":
-                        from hpcllm.train.checkpoint import load_torch
+    def _open(self):
+        if self._owner is None:
+            owner = {}
+            for f in self.files:
+                if f.suffix == ".bin":
+                    from hpcllm.train.checkpoint import load_torch
 
-                        sd = load_torch(f)
-                        readers.append(sd)
-                        for k in sd:
-                            owner[k] = sd
-                    else:
-                        r = st.SafetensorsFile(f)
-                        readers.append(r)
-                        for k in r.keys():
-                            owner[k] = r
-                keys = set(owner)
+                    sd = load_torch(f)
+                    self._readers.append(sd)
+                    owner.update({k: sd for k in sd})
+                else:
+                    r = st.SafetensorsFile(f)
+                    self._readers.append(r)
+                    owner.update({k: r for k in r.keys()})
+            self._owner = owner
+        return self._owner
 
-                def get(name):
-                    src = owner[name]
-                    return src[name] if isinstance(src, dict) else src.get(name)
+    def names(self) -> list[str]:
+        """hpcllm's parameter names of the whole model."""
+        from hpcllm.model.gpt import GPT
 
-                state = state_from_hf(self.cfg, get, keys, str(self.dir))
-            finally:
-                for r in readers:
-                    if hasattr(r, "close"):
-                        r.close()
-            from hpcllm.model.gpt import GPT
-
-            with torch.device("meta"):
-                ref = GPT(self.cfg, init_seed=None).state_dict()
-            wrong = [f"{k} {tuple(v.shape)} vs {tuple(ref[k].shape)}" for k, v in state.items() if v.shape != ref[k].shape]
-            if wrong:
-                raise HpcllmError(f"{self.dir}: tensors do not fit config.json ({'; '.join(wrong[:2])})")
-            self._state = state
-        return self._state
+        with torch.device("meta"):
+            self._ref = GPT(self.cfg, init_seed=None).state_dict()
+        return list(self._ref)
 
     # the checkpoint-reader interface
     def model_state(self, names=None, map_location=None) -> dict:
-        s = self.state()
-        return dict(s) if names is None else {n: s[n] for n in names}
+        """hpcllm tensors (fp32) by name, converted one at a time from the HF files."""
+        owner = self._open()
+        if self._ref is None:
+            self.names()
+        names = list(self._ref) if names is None else list(names)
+
+        def t(hf_name):
+            src = owner.get(hf_name)
+            if src is None:
+                raise HpcllmError(f"{self.dir}: no tensor {hf_name} (not a complete {hf_class(self.cfg)} checkpoint)")
+            return (src[hf_name] if isinstance(src, dict) else src.get(hf_name)).float()
+
+        out = {}
+        for n in names:
+            if n not in self._ref:
+                raise HpcllmError(f"{self.dir}: hpcllm's model has no parameter {n}")
+            v = hf_source(self.cfg, n, t, owner.__contains__)
+            if tuple(v.shape) != tuple(self._ref[n].shape):
+                raise HpcllmError(f"{self.dir}: {n} has shape {tuple(v.shape)} from the HF tensors, config.json's "
+                                  f"shape needs {tuple(self._ref[n].shape)}")
+            out[n] = v
+        return out
+
+    def state(self) -> dict:
+        return self.model_state()
 
     def optim_state(self, names=None) -> dict:
         return {}
 
     def close(self) -> None:
-        pass
+        for r in self._readers:
+            if hasattr(r, "close"):
+                r.close()
+        self._owner, self._readers = None, []
 
 
 def _read_json_or_empty(p: Path) -> dict:
@@ -467,113 +476,3 @@ def config_from_hf(path, mcfg=None):
             raise HpcllmError(f"{', '.join(given)}: the model's shape comes from --init-from {path}; "
                               "drop the shape flags (only --seq-len may change)")
     return HFWeights(path, getattr(mcfg, "seq_len", None)).cfg
-
-
-def export_hf(source, out, dtype: str = "fp32", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> dict:
-    """Write ``out/`` (config.json, model.safetensors [+ index], generation_config.json,
-    tokenizer.json, tokenizer_config.json) for a run dir, checkpoint dir or exported file.
-    The directory appears complete or not at all. Returns a summary."""
-    from hpcllm.infer.generate import load_model
-    from hpcllm.locking import lock_file
-
-    if dtype not in DTYPES:
-        raise HpcllmError(f"--dtype {dtype}: choose {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HpcllmError(f"--out {out}: is a file; HF export writes a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise HpcllmError(f"--out {out}: exists, is not empty and holds no config.json (not an earlier export); "
-                          "choose another directory")
-    loaded = load_model(source, device="cpu")
-    from hpcllm.model.gpt import GPTConfig
-
-    cfg = GPTConfig(**loaded.model_config)
-    state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
-    tok = loaded.tokenizer
-    config, tensors = to_hf(cfg, state, tok.eod_id)
-    want = DTYPES[dtype]
-    tensors = {k: v.to(want).contiguous() for k, v in tensors.items()}
-    config["torch_dtype"] = config["dtype"] = TORCH_DTYPE_NAMES[want]
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with lock_file(out.with_name(out.name + ".lock")):
-        try:
-            tmp.mkdir()
-            files = _write_shards(tmp, tensors, max_shard_bytes)
-            _write_json(tmp / "config.json", config)
-            gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id,
-                   "max_length": cfg.seq_len, "do_sample": False}
-            if cfg.padded_vocab > tok.vocab_size:
-                gen["suppress_tokens"] = list(range(tok.vocab_size, cfg.padded_vocab))
-            _write_json(tmp / "generation_config.json", gen)
-            _write_tokenizer(tmp, tok, cfg, loaded.source)
-            if out.exists():
-                old = out.with_name(f".{out.name}.old{os.getpid()}")
-                os.replace(out, old)
-                os.replace(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            from hpcllm.fileio import write_error
-
-            raise write_error("the HF export", e.filename or out, e) from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return {"source": loaded.source, "out": str(out), "class": config["architectures"][0], "files": files,
-            "dtype": dtype, "bytes": sum(st.tensor_bytes(t) for t in tensors.values())}
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def _write_shards(d: Path, tensors: dict, max_bytes: int) -> list[str]:
-    groups, cur, size = [], [], 0
-    for name in sorted(tensors, key=_natural):
-        n = st.tensor_bytes(tensors[name])
-        if cur and size + n > max_bytes:
-            groups.append(cur)
-            cur, size = [], 0
-        cur.append(name)
-        size += n
-    groups.append(cur)
-    meta = {"format": "pt"}
-    if len(groups) == 1:
-        st.write_file(d / "model.safetensors", tensors, meta)
-        return ["model.safetensors"]
-    names, weight_map = [], {}
-    for i, g in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        st.write_file(d / fname, {k: tensors[k] for k in g}, meta)
-        names.append(fname)
-        weight_map.update({k: fname for k in g})
-    total = sum(st.tensor_bytes(t) for t in tensors.values())
-    _write_json(d / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
-    return names + ["model.safetensors.index.json"]
-
-
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in name.replace(".", " . ").split()]
-
-
-def _write_tokenizer(d: Path, tok, cfg, source: str) -> None:
-    from hpcllm.data.tokenizer import EOD_TOKEN
-
-    if tok.type == "byte":
-        text = byte_tokenizer_json()
-    else:
-        path = getattr(tok, "path", None)
-        if not path or not Path(path).is_file():
-            raise HpcllmError(f"{source}: the BPE tokenizer's file is gone; cannot export it")
-        text = Path(path).read_text(encoding="utf-8")
-    (d / "tokenizer.json").write_text(text, encoding="utf-8")
-    eod = getattr(tok, "eod_token", EOD_TOKEN)
-    _write_json(d / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eod, "eos_token": eod, "unk_token": None,
-        "model_max_length": cfg.seq_len, "clean_up_tokenization_spaces": False, "add_prefix_space": False,
-        "hpcllm_tokenizer": tok.type, "hpcllm_tokenizer_sha256": tok.sha256})

@@ -36,6 +36,7 @@ class Plan:
     trainer_state: dict | None
     start_step: int
     reader: object = None        # CheckpointReader of resume_dir
+    init_weights: object = None  # HFWeights of --init-from (a fresh run only)
 
 
 def prepare(cfg: TrainConfig) -> Plan:
@@ -49,7 +50,12 @@ def prepare(cfg: TrainConfig) -> Plan:
     if not Path(cfg.data.path).is_dir():
         raise HpcllmError(f"--data {cfg.data.path}: no such dataset directory")
     info = DatasetInfo(cfg.data.path)
-    gpt_cfg = resolve_model(cfg.model, info.vocab_size)
+    if cfg.model.init_from:
+        from hpcllm.interop.hf import config_from_hf
+
+        gpt_cfg = config_from_hf(cfg.model.init_from, cfg.model)
+    else:
+        gpt_cfg = resolve_model(cfg.model, info.vocab_size)
     info.check_vocab(gpt_cfg.vocab_size)
     if info.windows("train", gpt_cfg.seq_len) == 0:
         raise HpcllmError(f"{cfg.data.path}: the train split has {info.train_tokens} tokens, fewer than one window "
@@ -75,7 +81,38 @@ def prepare(cfg: TrainConfig) -> Plan:
         validate(tstate, ckpt.TRAINER_SCHEMA, str(resume_dir / "trainer.json"))
         reader.check_files()
         check_resume_compat(resume_dir, tstate, ckpt.load_json(resume_dir / "config.json"), gpt_cfg, info)
-    return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0, reader)
+    init = None
+    if cfg.model.init_from and resume_dir is None:  # resumed: the checkpoint has the weights
+        init = open_init_weights(cfg.model.init_from, cfg.model.seq_len, info)
+    return Plan(info, gpt_cfg, resume_dir, tstate, int(tstate["step"]) if tstate else 0, reader, init)
+
+
+def open_init_weights(path, seq_len, info):
+    """``--init-from``'s model directory, checked against the dataset: the same tokenizer
+    (a dataset preprocessed with ``--tokenizer DIR``), a vocabulary the model covers."""
+    from hpcllm.interop.hf import HFWeights
+
+    weights = HFWeights(path, seq_len)
+    tok = weights.tokenizer()
+    if tok is not None and tok.sha256 != info.tokenizer_sha256:
+        raise HpcllmError(f"--init-from {path}: its tokenizer (sha256 {tok.sha256[:12]}…) is not the dataset's "
+                          f"({info.tokenizer_sha256[:12]}…); preprocess the corpus with --tokenizer {path}")
+    weights.names()
+    return weights
+
+
+def load_init_weights(plan: Plan, par) -> None:
+    """This rank's parameters from ``--init-from`` (replicated: by name into the module;
+    ZeRO: into its shards, unit by unit, as a checkpoint restore does)."""
+    w = plan.init_weights
+    try:
+        if par.zero_stage:
+            par.grad_sync.load(w)
+        else:
+            module = par.module
+            module.load_state_dict(w.model_state(module.state_dict().keys()))
+    finally:
+        w.close()
 
 
 def check_resume_compat(resume_dir: Path, trainer_state: dict, config: dict, gpt_cfg, info) -> None:

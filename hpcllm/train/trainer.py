@@ -37,7 +37,7 @@ from hpcllm.train.metrics import MetricsLogger, current_memory_bytes, peak_memor
 from hpcllm.train.precision import LossScaler, autocast, clip_, probe_shape, resolve_precision
 from hpcllm.train.schedule import LRSchedule
 from hpcllm.train.setup import (Plan, build_optimizer, check_ranks_agree, checkpoint_files, choose_partition,
-                                device_peak,
+                                device_peak, load_init_weights,
                                 lock_run_dir, log, microbatches, prepare, prepare_run_dir, restore, setup_device,
                                 tokenizer_file, trainer_state)
 
@@ -148,6 +148,10 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
                                        num_batches=lg.eval_batches, dp_rank=groups.dp_rank, dp_size=dims.dp)
     global_batch = d.micro_batch * M * dims.dp
 
+    if plan.init_weights is not None:
+        load_init_weights(plan, par)
+        log(groups, f"initialised from {plan.init_weights.dir} ({plan.init_weights.hf_config.get('model_type')}); "
+            "new optimizer, step 0")
     if reader is not None:
         restore(plan, par, optimizer, loader, scaler, groups, device)
         if plan.trainer_state.get("global_batch") not in (None, global_batch):
