@@ -12,7 +12,8 @@ setup(
     # The sbatch templates, cluster profiles and examples live at the top of the repository
     # (slurm/) where users read them; they ship inside the package as hpcllm.slurm_assets.
     package_dir={"hpcllm.slurm_assets": "slurm"},
-    package_data={"hpcllm.slurm_assets": ["templates/*", "profiles/*.toml", "examples/*"]},
+    package_data={"hpcllm.slurm_assets": ["templates/*", "profiles/*.toml", "examples/*"],
+                  "hpcllm.eval_tasks": ["*.yaml", "*.jsonl"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.1",
@@ -30,6 +31,8 @@ setup(
         "tomli>=2.0; python_version<'3.11'",
     ],
     extras_require={"horovod": ["horovod==0.28.1"], "tensorboard": ["tensorboard>=2.14"],
+                    "hf": ["transformers>=4.45"],
+                    "eval": ["lm-eval>=0.4.5", "transformers>=4.45", "accelerate>=0.30"],
                     "test": ["pytest>=7.4", "pytest-timeout>=2.2"]},
     entry_points={"console_scripts": ["hpcllm=hpcllm.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Operating System :: POSIX :: Linux"],
