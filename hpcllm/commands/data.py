@@ -47,7 +47,8 @@ task, then `hpcllm preprocess merge OUT` once all tasks have finished.""")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Dataset directory to write.")
 @click.option("--tokenizer", default=None, metavar="byte|PATH",
-              help="'byte' (default) or a HF tokenizer.json (see `hpcllm tokenizer train`).")
+              help="'byte' (default), a HF tokenizer.json (see `hpcllm tokenizer train`), or a Hugging Face model "
+                   "directory (its tokenizer.json; the end-of-text token from its tokenizer_config.json).")
 @click.option("--text-key", default="text", show_default=True, help="JSON key (dotted for nested) or parquet column.")
 @click.option("--txt-split", type=click.Choice(["none", "blank-line"]), default="none", show_default=True,
               help="A .txt file is one document, or one document per blank-line separated block.")

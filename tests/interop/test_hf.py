@@ -248,3 +248,40 @@ def test_safetensors_reader_refuses_truncated_files(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(raw[:-5])
     with pytest.raises(HpcllmError, match="truncated"):
         st.read_header(tmp_path / "cut.safetensors")
+
+
+def test_preprocess_with_an_hf_tokenizer_then_init_from(tmp_path):
+    """A Llama-3-style directory (its own BPE tokenizer whose end of text is <|end_of_text|>):
+    preprocess --tokenizer DIR tokenizes with it, train --init-from DIR accepts the dataset."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tests.train.conftest import make_text
+
+    docs = make_text(120)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|end_of_text|>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / "hfmodel"
+    m = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=32, intermediate_size=64,
+        max_position_embeddings=64, vocab_size=tok.get_vocab_size(), eos_token_id=0))
+    m.save_pretrained(str(d))
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end_of_text|>"}))
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "hpcllm", "preprocess", str(src), "--out", str(tmp_path / "ds"),
+                        "--tokenizer", str(d), "--workers", "1"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["vocab_size"] == tok.get_vocab_size()
+    assert manifest["tokenizer"]["eod_id"] == tok.token_to_id("<|end_of_text|>")
+    run_train(["--data", str(tmp_path / "ds"), "--out", str(tmp_path / "run"), "--init-from", str(d), "--steps", "2",
+               "--micro-batch", "2", "--seq-len", "32", "--threads", "1", "--precision", "fp32", "--eval-every", "0"])
+    from hpcllm.infer.generate import load_model
+
+    loaded = load_model(tmp_path / "run")
+    assert loaded.model_config["arch"] == "llama" and loaded.tokenizer.eod_id == tok.token_to_id("<|end_of_text|>")
