@@ -48,7 +48,7 @@ def export_hf(source, out, dtype: str = "fp32", max_shard_bytes: int = DEFAULT_M
             files = _write_shards(tmp, tensors, max_shard_bytes)
             _write_json(tmp / "config.json", config)
             gen = {"bos_token_id": tok.eod_id, "eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id,
-                   "max_length": cfg.seq_len, "do_sample": False}
+                   "do_sample": False}
             if cfg.padded_vocab > tok.vocab_size:
                 gen["suppress_tokens"] = list(range(tok.vocab_size, cfg.padded_vocab))
             _write_json(tmp / "generation_config.json", gen)
