@@ -49,3 +49,14 @@ def test_llama_layout_equals_one_process(ldata, reference, tmp_path, layout):
     out = tmp_path / layout
     run_mpi(train_cmd("--data", str(ldata), "--out", str(out), *LLAMA, *extra), np=2, env=ENV, timeout=180).check()
     _same(out, reference)
+    if layout != "dp2":  # the stage files / ZeRO shards leave as one transformers model
+        transformers = pytest.importorskip("transformers")
+        from hpcllm.infer.generate import load_model
+        from hpcllm.interop.hf_export import export_hf
+
+        export_hf(out, tmp_path / "hf")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+        ours = load_model(out).model
+        x = torch.randint(0, 257, (2, 32), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            assert (ours(x) - hf(x).logits).abs().max().item() < 1e-5
