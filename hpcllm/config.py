@@ -134,6 +134,10 @@ class ParallelConfig:
     stall_shutdown_s: float = opt(120.0, "End the job when a rank waits this long for the others in a collective "
                                   "or a pipeline transfer (a dead or frozen rank).", range=AT_LEAST_1)
     pipeline_stages: int = opt(1, "Pipeline stages (1 = pure data parallelism).", range=AT_LEAST_1)
+    tensor_parallel: int = opt(1, "Tensor-parallel ranks per model part (Megatron-style: attention by heads, MLP "
+                               "column then row, vocabulary-parallel embedding and loss); consecutive ranks, so "
+                               "a group sits within a node. world = tensor-parallel x stages x replicas.",
+                               range=AT_LEAST_1)
     schedule: str = opt("1f1b", "Pipeline schedule: 1f1b (stage s holds at most P - s micro-batches of "
                         "activations), gpipe (all forwards, then all backwards; holds M) or zbh1 "
                         "(zero-bubble 1F1B: linear layers' weight gradients deferred into the bubble, "
@@ -429,6 +433,9 @@ def validate(cfg: TrainConfig) -> None:
     need(not (p.zero_stage == 3 and p.pipeline_stages > 1),
          f"--zero-stage 3 does not combine with --pipeline-stages {p.pipeline_stages} (each stage's parameters "
          "would be gathered once per micro-batch); use --zero-stage 1 or 2 with stages")
+    if p.tensor_parallel > 1:
+        need(p.zero_stage == 0, f"--zero-stage {p.zero_stage} does not combine with --tensor-parallel "
+             f"{p.tensor_parallel} yet; use --zero-stage 0 with tensor parallelism")
     need(p.stall_shutdown_s >= p.stall_check_s,
          f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 
@@ -452,9 +459,9 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
                  "pos_emb": mcfg.pos_emb, "n_kv_head": getattr(mcfg, "n_kv_head", None),
                  "tie_embeddings": getattr(mcfg, "tie_embeddings", None), "ffn_dim": getattr(mcfg, "ffn_dim", None)}
     changes.update({k: v for k, v in overrides.items() if v is not None})
-    if mcfg.n_head is not None and getattr(mcfg, "n_kv_head", None) is None and base.n_kv_head != base.n_head:
+    if mcfg.n_head is not None and getattr(mcfg, "n_kv_head", None) is None:
         # the preset's grouping (n_head / n_kv_head) kept for a new head count when it divides
-        group = base.n_head // base.n_kv_head
+        group = base.n_head // base.n_kv_head if arch == base.arch == "llama" else 1
         changes["n_kv_head"] = mcfg.n_head // group if mcfg.n_head % group == 0 else mcfg.n_head
     if arch != "llama" and "n_kv_head" in changes and changes["n_kv_head"] is not None \
             and changes["n_kv_head"] != changes.get("n_head", base.n_head):

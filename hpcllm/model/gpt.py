@@ -309,9 +309,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        kvd = self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split((C, kvd, kvd), dim=2)
+        B, T, _ = x.shape
+        # widths from the head counts, not from x: a tensor-parallel rank holds some of the heads
+        qd, kvd = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((qd, kvd, kvd), dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         start = kv.cache.pos if kv is not None else 0
@@ -338,7 +339,7 @@ class CausalSelfAttention(nn.Module):
             # real keys only (a padding query sees itself, so no row is all -inf)
             mask = (keys <= queries) & (kv.cache.valid[:, None, None, :start + T] | (keys == queries))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, qd))
 
 
 #: On a CPU, sequences up to this length use explicit matmul attention in bf16/fp16 (see
@@ -442,6 +443,8 @@ class GPT(nn.Module):
             self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
         self.ln_f = norm(cfg) if head else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False) if (head and not tied) else None
+        #: the loss of logits and targets (tensor parallelism swaps in its vocabulary-parallel one)
+        self.loss_fn = lm_loss
         if init_seed is not None:  # None: the caller loads or initialises the weights itself
             self.init_weights(init_seed)
 
@@ -490,7 +493,7 @@ class GPT(nn.Module):
         if not self.has_head:
             return x
         logits = self.logits(x)
-        return logits if targets is None else lm_loss(logits, targets)
+        return logits if targets is None else self.loss_fn(logits, targets)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:

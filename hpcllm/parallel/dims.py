@@ -2,11 +2,11 @@
 
 Pure arithmetic (no MPI): the degrees of each dimension, validated once against the world
 size, and rank <-> coordinates. The dimensions are laid out innermost first in
-:data:`ORDER`: ``pp`` innermost, so a pipeline's stages are consecutive ranks (a block
-mapping packs them within a node, where their point-to-point traffic stays) and the ``dp``
-replicas of a stage are ``pp`` ranks apart::
+:data:`ORDER`: ``tp`` innermost, so a tensor-parallel group (whose collectives sit inside
+every block) is consecutive ranks, packed within a node by a block mapping; then ``pp``, so a
+pipeline's stages are the next-closest ranks; the ``dp`` replicas outermost, across nodes::
 
-    rank = dp_index * pp + stage
+    rank = (dp_index * pp + stage) * tp + tp_index
 
 A new dimension (``tp``, ``ep``, ``zero``) is one more entry in :data:`ORDER` and one more
 field; :mod:`hpcllm.parallel.groups` builds the communicators of every dimension from
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from hpcllm.errors import HpcllmError
 
 #: dimension names, innermost (consecutive ranks) first
-ORDER = ("pp", "dp")
+ORDER = ("tp", "pp", "dp")
 
 
 @dataclass(frozen=True)
@@ -28,20 +28,27 @@ class ParallelDims:
 
     pp: int = 1
     dp: int = 1
+    tp: int = 1
 
     @classmethod
-    def for_world(cls, world: int, pp: int = 1) -> "ParallelDims":
-        """The layout for ``world`` ranks with ``pp`` pipeline stages (data parallelism takes
-        the rest); raises one clear error per misfit."""
+    def for_world(cls, world: int, pp: int = 1, tp: int = 1) -> "ParallelDims":
+        """The layout for ``world`` ranks with ``pp`` pipeline stages of ``tp`` tensor-parallel
+        ranks each (data parallelism takes the rest); raises one clear error per misfit."""
         if pp < 1:
             raise HpcllmError(f"--pipeline-stages {pp}: must be >= 1")
-        if world < pp:
-            raise HpcllmError(f"--pipeline-stages {pp}: needs at least {pp} ranks, one per stage "
-                              f"(e.g. mpirun -np {pp} or srun -n {pp}); this job has {world}")
-        if world % pp:
-            raise HpcllmError(f"--pipeline-stages {pp}: {world} ranks are not a multiple of {pp} "
-                              f"(world = stages x data-parallel replicas)")
-        return cls(pp=pp, dp=world // pp)
+        if tp < 1:
+            raise HpcllmError(f"--tensor-parallel {tp}: must be >= 1")
+        part = pp * tp
+        what = (f"--pipeline-stages {pp} x --tensor-parallel {tp}" if tp > 1 and pp > 1
+                else f"--tensor-parallel {tp}" if tp > 1 else f"--pipeline-stages {pp}")
+        unit = "tensor-parallel rank" if pp == 1 else "stage" if tp == 1 else "stage's tensor-parallel rank"
+        if world < part:
+            raise HpcllmError(f"{what}: needs at least {part} ranks, one per {unit} "
+                              f"(e.g. mpirun -np {part} or srun -n {part}); this job has {world}")
+        if world % part:
+            raise HpcllmError(f"{what}: {world} ranks are not a multiple of {part} "
+                              f"(world = tensor-parallel x stages x data-parallel replicas)")
+        return cls(pp=pp, dp=world // part, tp=tp)
 
     @property
     def world(self) -> int:
@@ -54,7 +61,7 @@ class ParallelDims:
         return {d: getattr(self, d) for d in ORDER}
 
     def coords(self, rank: int) -> dict[str, int]:
-        """``{"pp": stage, "dp": replica}`` of a world rank."""
+        """``{"tp": tp_index, "pp": stage, "dp": replica}`` of a world rank."""
         if not 0 <= rank < self.world:
             raise ValueError(f"rank {rank} outside a world of {self.world}")
         out = {}
@@ -90,7 +97,8 @@ class ParallelDims:
         return out
 
     def describe(self) -> str:
-        return " x ".join(f"{d}={getattr(self, d)}" for d in reversed(ORDER))
+        return " x ".join(f"{d}={getattr(self, d)}" for d in reversed(ORDER) if d != "tp" or self.tp > 1)
 
     def to_dict(self) -> dict:
-        return self.degrees()
+        # tp only when used: layouts written before tensor parallelism read the same
+        return {d: n for d, n in self.degrees().items() if d != "tp" or n > 1}

@@ -80,10 +80,13 @@ class GradSync:
     :class:`~hpcllm.parallel.groups.ParallelGroups`; ``tied``: the name of this rank's copy of a
     matrix shared with another stage (summed over ``groups.tie``), or None."""
 
-    def __init__(self, named_params, groups, compression: str = "none", tied: str | None = None):
+    def __init__(self, named_params, groups, compression: str = "none", tied: str | None = None,
+                 tp_replicated=frozenset()):
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
         self.groups = groups
         self.dp_size = groups.dims.dp
+        #: names held whole by every tensor-parallel rank (empty without tensor parallelism)
+        self.tp_replicated = set(tp_replicated)
         self.tied = tied if groups.tie is not None else None
         self.tied_param = dict(self.params).get(self.tied) if self.tied else None
         #: names whose gradient is a duplicate of one counted elsewhere (norm counts it once)
@@ -173,9 +176,17 @@ class GradSync:
 
     @torch.no_grad()
     def norm_sq(self) -> float:
-        """This rank's share of the squared global gradient norm (see the module doc)."""
-        grads = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate]
-        return squares(grads) / self.dp_size
+        """This rank's share of the squared global gradient norm (see the module doc); with
+        tensor parallelism, shards count whole, parameters every tensor-parallel rank holds
+        alike (norms, row biases) 1/T each."""
+        grads = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate
+                 and n not in self.tp_replicated]
+        total = squares(grads)
+        if self.tp_replicated:
+            rep = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate
+                   and n in self.tp_replicated]
+            total += squares(rep) / self.groups.dims.tp
+        return total / self.dp_size
 
     # ---- the interface ZeroSync shares (the trainer calls these whatever the stage)
     @property

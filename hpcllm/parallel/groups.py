@@ -64,6 +64,10 @@ class ParallelGroups:
         return self.coords["dp"]
 
     @property
+    def tp_rank(self) -> int:
+        return self.coords["tp"]
+
+    @property
     def first_stage(self) -> bool:
         return self.stage == 0
 
@@ -170,7 +174,7 @@ def init_groups(pcfg) -> ParallelGroups:
     than one rank), and build every group of the layout ``pcfg`` asks for."""
     topo = Topology.from_env()
     if topo.world_size == 1:
-        dims = ParallelDims.for_world(1, pcfg.pipeline_stages)
+        dims = ParallelDims.for_world(1, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1))
         g = ParallelGroups(dims)
         set_threads(pcfg, 1)
         return g
@@ -182,7 +186,7 @@ def init_groups(pcfg) -> ParallelGroups:
                           "(scripts/install.sh installs it); refusing to train independent copies") from None
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    dims = ParallelDims.for_world(size, pcfg.pipeline_stages)
+    dims = ParallelDims.for_world(size, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1))
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
@@ -197,7 +201,8 @@ def init_groups(pcfg) -> ParallelGroups:
         g.comm[dim] = world.Split(color=color, key=c[dim])
     if dims.pp > 1:
         in_tie = g.first_stage or g.last_stage
-        tie = world.Split(color=g.dp_rank if in_tie else MPI.UNDEFINED, key=g.stage)
+        # one pair per (replica, tensor-parallel rank): each holds the same shard of the matrix
+        tie = world.Split(color=g.dp_rank * dims.tp + g.tp_rank if in_tie else MPI.UNDEFINED, key=g.stage)
         g.tie = tie if in_tie else None
     if any(getattr(dims, d) > 1 for d in HOROVOD_DIMS):
         g.hvd = _init_horovod(pcfg, dims, g)

@@ -79,6 +79,8 @@ class Parallelized:
     partition: object = None     # the pipeline's Partition, or None
     compiled_blocks: int = 0
     zero_stage: int = 0
+    tp_specs: dict = None        # name -> ShardSpec of tensor-parallel shards ({} without)
+    tp_comm: object = None       # TPComm of the tensor-parallel group (None without)
 
     def owned_names(self) -> set[str]:
         """Names this rank's module holds whose values it alone writes to a checkpoint (the last
@@ -106,6 +108,12 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
     else:
         module = GPT(gpt_cfg, init_seed=seed).to(device)
     gpt = getattr(module, "gpt", module)
+    tp_specs, tp_comm = {}, None
+    if groups.dims.tp > 1:
+        from hpcllm.parallel.tensor_parallel import TPComm, apply_tensor_parallel
+
+        tp_comm = TPComm(groups.comm.get("tp"))
+        tp_specs = apply_tensor_parallel(gpt, tp_comm, gpt_cfg)
     if pcfg.recompute:
         apply_recompute(gpt.block_list())
     compiled = 0
@@ -129,5 +137,7 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         sync = ZeroSync(module, gpt.block_list(), groups, zero, device=device, compression=pcfg.grad_compression,
                         tied=tied, init_fn=lambda named: init_parameters(named, seed, gpt_cfg.n_layer))
     else:
-        sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied)
-    return Parallelized(module, runner, sync, partition, compiled, zero)
+        replicated = {n for n, _ in module.named_parameters() if n not in tp_specs} if tp_specs else set()
+        sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied,
+                        tp_replicated=replicated)
+    return Parallelized(module, runner, sync, partition, compiled, zero, tp_specs, tp_comm)

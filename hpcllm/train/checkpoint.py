@@ -341,7 +341,8 @@ _SCALER = {"enabled": Opt(bool), "scale": Opt(NUMBER), "good_steps": Opt(COUNT),
 TRAINER_SCHEMA = {
     "format": Opt(str), "version": Opt(POSITIVE), "step": COUNT, "loader": Nullable(_LOADER), "lr_schedule": Opt(dict), "loss_scaler": Opt(Nullable(_SCALER)),
     "tokenizer_sha256": Opt(Nullable(str)), "world_size": Opt(POSITIVE), "global_batch": Opt(Nullable(POSITIVE)),
-    "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "zero": Opt(COUNT), "bounds": Opt(Nullable([[COUNT]]))}),
+    "layout": Opt({"pp": POSITIVE, "dp": POSITIVE, "tp": Opt(POSITIVE), "zero": Opt(COUNT),
+                   "bounds": Opt(Nullable([[COUNT]]))}),
     "pipeline": Opt(Nullable({"stages": POSITIVE, "bounds": [[COUNT]]})),
 }
 #: what finding a checkpoint's tensors relies on in trainer.json (generation and export too)

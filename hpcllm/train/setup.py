@@ -101,7 +101,7 @@ def open_init_weights(path, seq_len, info):
     return weights
 
 
-def load_init_weights(plan: Plan, par) -> None:
+def load_init_weights(plan: Plan, par, groups=None) -> None:
     """This rank's parameters from ``--init-from`` (replicated: by name into the module;
     ZeRO: into its shards, unit by unit, as a checkpoint restore does)."""
     w = plan.init_weights
@@ -110,7 +110,7 @@ def load_init_weights(plan: Plan, par) -> None:
             par.grad_sync.load(w)
         else:
             module = par.module
-            module.load_state_dict(w.model_state(module.state_dict().keys()))
+            module.load_state_dict(local_part(par, groups, w.model_state(module.state_dict().keys())))
     finally:
         w.close()
 
@@ -234,9 +234,32 @@ def checkpoint_files(par, optimizer, groups) -> dict:
     if groups.dp_rank != 0:
         return {}
     owned, module = par.owned_names(), par.module
-    return {ckpt.model_file(groups.stage): {k: v.detach().cpu() for k, v in module.state_dict().items() if k in owned},
-            ckpt.optim_file(groups.stage): ckpt.named_optim_state(optimizer, module.named_parameters(),
-                                                                  exclude=par.grad_sync.duplicate)}
+    model = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in owned}
+    optim = ckpt.named_optim_state(optimizer, module.named_parameters(), exclude=par.grad_sync.duplicate)
+    if par.tp_specs:  # whole tensors by name, joined on the group's first rank: layout-independent files
+        from hpcllm.parallel.tensor_parallel import gather_full
+
+        comm = groups.comm["tp"]
+        model = gather_full(model, par.tp_specs, comm)
+        moments = {f"{n}\0{k}": v for n, st in optim["state"].items() for k, v in st.items()
+                   if torch.is_tensor(v) and v.dim() > 0}
+        moments = gather_full(moments, {f"{n}\0{k}": par.tp_specs[n] for n in par.tp_specs
+                                        for k in ("exp_avg", "exp_avg_sq")}, comm)
+        if groups.tp_rank != 0:
+            return {}
+        for key, v in moments.items():
+            n, k = key.split("\0")
+            optim["state"][n][k] = v
+    return {ckpt.model_file(groups.stage): model, ckpt.optim_file(groups.stage): optim}
+
+
+def local_part(par, groups, full: dict) -> dict:
+    """This rank's pieces of whole tensors (tensor parallelism slices its shards)."""
+    if not getattr(par, "tp_specs", None):
+        return full
+    from hpcllm.parallel.tensor_parallel import shard_tensors
+
+    return shard_tensors(full, par.tp_specs, groups.dims.tp, groups.tp_rank)
 
 
 def restore(plan: Plan, par, optimizer, loader, scaler, groups, device) -> None:
@@ -250,9 +273,14 @@ def restore(plan: Plan, par, optimizer, loader, scaler, groups, device) -> None:
             ckpt.load_named_optim_state(optimizer, par.grad_sync.optimizer_params(), states, device)
     else:
         module = par.module
-        module.load_state_dict(reader.model_state(module.state_dict().keys(), map_location="cpu"))
+        module.load_state_dict(local_part(par, groups, reader.model_state(module.state_dict().keys(),
+                                                                          map_location="cpu")))
         names = [n for n, _ in module.named_parameters()]
-        ckpt.load_named_optim_state(optimizer, module.named_parameters(), reader.optim_state(names), device)
+        states = reader.optim_state(names)
+        if par.tp_specs:
+            states = {n: {k: (local_part(par, groups, {n: v})[n] if torch.is_tensor(v) and v.dim() > 0 else v)
+                          for k, v in st.items()} for n, st in states.items()}
+        ckpt.load_named_optim_state(optimizer, module.named_parameters(), states, device)
     reader.close()
     if loader is not None:
         loader.load_state_dict(tstate["loader"])

@@ -149,7 +149,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     global_batch = d.micro_batch * M * dims.dp
 
     if plan.init_weights is not None:
-        load_init_weights(plan, par)
+        load_init_weights(plan, par, groups)
         log(groups, f"initialised from {plan.init_weights.dir} ({plan.init_weights.hf_config.get('model_type')}); "
             "new optimizer, step 0")
     if reader is not None:
@@ -189,6 +189,11 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     log(groups, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
+    if dims.tp > 1:
+        log(groups, f"tensor parallel: {dims.tp} ranks per model part (heads, MLP columns/rows and vocabulary "
+            f"split), collectives over mpi4py: the backend measured fastest at block message sizes on CPUs "
+            f"(benchmarks/tensor_parallel.py)" + ("; CUDA tensors staged through host memory"
+                                                  if device.type == "cuda" else ""))
     if dims.pp > 1:
         log(groups, f"pipeline: {dims.pp} stages x {dims.dp} replicas, schedule {pc.schedule}, {M} micro-batches, "
             f"blocks per stage {partition.counts()}")

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from hpcllm.model.gpt import GPT, GPTConfig, lm_loss
+from hpcllm.model.gpt import GPT, GPTConfig
 from hpcllm.parallel.pipeline.partition import Partition
 from hpcllm.parallel.recompute import apply_recompute
 
@@ -76,7 +76,7 @@ class PipelineStage(torch.nn.Module):
         # an untied head is an nn.Linear, which the deferral routes without the mode
         with self.head_context() if (self.head_context and g.lm_head is None) else contextlib.nullcontext():
             logits = g.logits(x)
-        return lm_loss(logits, targets)
+        return g.loss_fn(logits, targets)
 
 
 def activation_dtype(cfg: GPTConfig, autocast_factory, device="cpu") -> torch.dtype:

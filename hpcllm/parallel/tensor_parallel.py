@@ -1,0 +1,286 @@
+"""Tensor parallelism (Megatron-LM style), applied to the plain GPT from outside.
+
+:func:`apply_tensor_parallel` replaces modules of a built model (or pipeline stage) with
+sharded ones registered under the same attribute names, so parameter names stay those of the
+whole model (``blocks.3.attn.qkv.weight`` holds this rank's rows of that matrix) and per-name
+initialisation gives every degree the same model (the whole tensor is drawn, then sliced):
+
+- attention by heads: ``attn.qkv`` column-parallel (each rank's query heads and their key/value
+  heads: rows taken from each of the q, k and v blocks), ``attn.proj`` row-parallel;
+- MLP: ``mlp.fc`` column-parallel (gate and up rows alike for SwiGLU), ``mlp.proj`` row-parallel;
+- the embedding vocabulary-parallel (each rank its rows; ids outside them contribute zeros,
+  one all-reduce), the head on the same rows (tied) or on ``lm_head``'s rows, and the loss
+  vocabulary-parallel: max, sum of exponentials and target logit reduced across ranks, so no
+  rank ever holds the (tokens x vocabulary) logits.
+
+Megatron's conjugate pair carries the activations: ``copy_to_tp`` (identity forward,
+all-reduce of the gradient backward) before each column-parallel layer, ``reduce_from_tp``
+(all-reduce forward, identity backward) after each row-parallel one: a block costs exactly
+2 all-reduces forward and 2 backward (:attr:`TPComm.calls` counts them). Norms, row-parallel
+biases and learned positions are replicated; their gradients come out identical on every
+tensor-parallel rank (their inputs and upstream gradients are), so they need no reduction,
+and the global norm counts them once.
+
+Collectives run over mpi4py communicators: at the block's message sizes a 64 KiB all-reduce
+took 0.03 ms through mpi4py and 0.6-3 ms through Horovod on 2 ranks of one node
+(``benchmarks/tensor_parallel.py`` measures both in the same run). MPI has no 16-bit float
+type, so bf16/fp16 activations travel as fp32 (twice the bytes); on CUDA tensors are staged
+through host memory (NCCL is the follow-up there).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hpcllm.errors import HpcllmError
+
+
+class TPComm:
+    """The tensor-parallel group's all-reduce (mpi4py, blocking: latency decides here) and a
+    per-direction call counter (``calls["fwd"]``, ``calls["bwd"]``)."""
+
+    def __init__(self, comm=None):
+        self.comm = comm
+        self.size = comm.Get_size() if comm is not None else 1
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.calls: collections.Counter = collections.Counter()
+        self.seconds = 0.0
+
+    def allreduce_(self, t: torch.Tensor, op: str = "sum", where: str = "fwd") -> torch.Tensor:
+        """Reduce ``t`` in place across the group (``op`` sum or max); returns ``t``."""
+        self.calls[where] += 1
+        if self.size == 1:
+            return t
+        import time
+
+        from mpi4py import MPI
+
+        start = time.perf_counter()
+        wire = t.detach()
+        if wire.device.type != "cpu":
+            wire = wire.cpu()
+        if wire.dtype not in (torch.float32, torch.float64):
+            wire = wire.float()  # MPI has no 16-bit float type
+        wire = wire.contiguous()
+        self.comm.Allreduce(MPI.IN_PLACE, wire.numpy(), op=MPI.MAX if op == "max" else MPI.SUM)
+        if wire.data_ptr() != t.data_ptr():
+            with torch.no_grad():
+                t.copy_(wire)
+        self.seconds += time.perf_counter() - start
+        return t
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's f: identity forward, all-reduce of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.allreduce_(grad.contiguous().clone(), where="bwd"), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's g: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        return comm.allreduce_(x.contiguous().clone(), where="fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def copy_to_tp(x, comm: TPComm):
+    return _CopyToTP.apply(x, comm) if comm.size > 1 else x
+
+
+def reduce_from_tp(x, comm: TPComm):
+    return _ReduceFromTP.apply(x, comm) if comm.size > 1 else x
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """How a parameter is cut: along ``dim``, each of the consecutive ``groups`` (sizes along
+    ``dim``, e.g. the q, k and v rows of the fused projection) split evenly, rank r taking
+    the r-th piece of every group."""
+
+    dim: int
+    groups: tuple[int, ...]
+
+    def shard(self, full: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+        parts = full.split(list(self.groups), dim=self.dim)
+        return torch.cat([p.narrow(self.dim, rank * (n // size), n // size) for p, n in zip(parts, self.groups)],
+                         dim=self.dim)
+
+    def join(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        size = len(shards)
+        pieces = [s.split([n // size for n in self.groups], dim=self.dim) for s in shards]
+        return torch.cat([torch.cat([pieces[r][g] for r in range(size)], dim=self.dim)
+                          for g in range(len(self.groups))], dim=self.dim)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_r = x W_r^T + b_r for this rank's output rows; the input's gradient is all-reduced."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None
+
+    def forward(self, x):
+        return F.linear(copy_to_tp(x, self.comm), self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_r x_r W_r^T (one all-reduce) + b, for this rank's input columns."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(weight)
+        self.bias = nn.Parameter(bias) if bias is not None else None  # replicated, added once
+
+    def forward(self, x):
+        y = reduce_from_tp(F.linear(x, self.weight), self.comm)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [start, start + n) of the embedding; other ids contribute zeros; one all-reduce."""
+
+    def __init__(self, weight: torch.Tensor, start: int, comm: TPComm):
+        super().__init__()
+        self.comm, self.start = comm, start
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, idx):
+        n = self.weight.size(0)
+        outside = (idx < self.start) | (idx >= self.start + n)
+        out = F.embedding((idx - self.start).masked_fill(outside, 0), self.weight)
+        return reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.comm)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits split over the vocabulary: per token the global max, the
+    target's logit (on the rank holding it) and the sum of exponentials are reduced (two
+    all-reduces), and only this rank's (tokens x vocabulary / T) slice is ever held."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, start, comm):
+        x = logits.float()
+        x = x.reshape(-1, x.size(-1))
+        t = targets.reshape(-1)
+        n = x.size(-1)
+        mx = x.max(dim=-1).values
+        comm.allreduce_(mx, op="max", where="fwd")
+        x = x - mx[:, None]  # a new tensor: this rank's shifted logits
+        outside = (t < start) | (t >= start + n)
+        local = (t - start).masked_fill(outside, 0)
+        both = torch.stack((x.gather(1, local[:, None]).squeeze(1).masked_fill(outside, 0.0), x.exp_().sum(-1)))
+        comm.allreduce_(both, where="fwd")
+        target_logit, sum_exp = both[0], both[1]
+        loss = torch.log(sum_exp) - target_logit
+        x.div_(sum_exp[:, None])  # now this rank's softmax slice, kept for backward
+        ctx.save_for_backward(x, local, outside)
+        ctx.shape, ctx.dtype = logits.shape, logits.dtype
+        return loss.mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        softmax, local, outside = ctx.saved_tensors
+        g = softmax  # used once: modified in place
+        g.scatter_add_(1, local[:, None], -(~outside).to(g.dtype)[:, None])
+        g.mul_(grad / g.size(0))
+        return g.view(ctx.shape).to(ctx.dtype), None, None, None
+
+
+def vocab_parallel_loss(comm: TPComm, start: int):
+    """The loss function for :attr:`GPT.loss_fn` on rows [start, ...) of the vocabulary."""
+    def loss_fn(logits, targets):
+        return _VocabParallelCrossEntropy.apply(logits, targets, start, comm)
+    return loss_fn
+
+
+def check_divisible(cfg, tp: int) -> None:
+    """One line per misfit of the model and the tensor-parallel degree."""
+    for what, n in (("--n-head", cfg.n_head), ("key/value heads (--n-kv-head)", cfg.n_kv_head),
+                    ("the MLP hidden size", cfg.hidden_dim), ("the padded vocabulary", cfg.padded_vocab)):
+        if n % tp:
+            raise HpcllmError(f"--tensor-parallel {tp}: {what} {n} is not divisible by {tp}")
+
+
+@torch.no_grad()
+def apply_tensor_parallel(gpt, comm: TPComm, cfg) -> dict[str, ShardSpec]:
+    """Shard ``gpt`` (a whole GPT or a pipeline stage's slice, already initialised) over
+    ``comm``'s ranks in place; returns the ShardSpec of every sharded parameter by name
+    (the others are replicated)."""
+    T, r = comm.size, comm.rank
+    check_divisible(cfg, T)
+    specs: dict[str, ShardSpec] = {}
+    d, kvd, h = cfg.d_model, cfg.kv_dim, cfg.hidden_dim
+    qkv, fc = ShardSpec(0, (d, kvd, kvd)), ShardSpec(0, (h, h) if cfg.arch == "llama" else (h,))
+    rows_in = {"attn.proj": ShardSpec(1, (d,)), "mlp.proj": ShardSpec(1, (h,))}
+    ids = gpt.layer_ids
+    for i, blk in zip(ids, gpt.block_list()):
+        p = f"blocks.{i}."
+        for mod, name, spec in ((blk.attn, "qkv", qkv), (blk.mlp, "fc", fc)):
+            lin = getattr(mod, name)
+            w = spec.shard(lin.weight, T, r).clone()
+            b = spec.shard(lin.bias, T, r).clone() if lin.bias is not None else None
+            setattr(mod, name, ColumnParallelLinear(w, b, comm))
+            specs[p + f"{'attn' if mod is blk.attn else 'mlp'}.{name}.weight"] = spec
+            if b is not None:
+                specs[p + f"{'attn' if mod is blk.attn else 'mlp'}.{name}.bias"] = spec
+        for mod, key in ((blk.attn, "attn.proj"), (blk.mlp, "mlp.proj")):
+            lin, spec = mod.proj, rows_in[key]
+            b = lin.bias.detach().clone() if lin.bias is not None else None
+            mod.proj = RowParallelLinear(spec.shard(lin.weight, T, r).clone(), b, comm)
+            specs[p + key + ".weight"] = spec
+        blk.attn.n_head //= T
+        blk.attn.n_kv_head //= T
+    V = cfg.padded_vocab
+    vocab = ShardSpec(0, (V,))
+    start = r * (V // T)
+    if gpt.wte is not None:
+        gpt.wte = VocabParallelEmbedding(vocab.shard(gpt.wte.weight, T, r).clone(), start, comm)
+        specs["wte.weight"] = vocab
+    if gpt.lm_head is not None:
+        head = nn.Linear(d, V // T, bias=False, device=gpt.lm_head.weight.device)
+        head.weight.copy_(vocab.shard(gpt.lm_head.weight, T, r))
+        gpt.lm_head = head
+        specs["lm_head.weight"] = vocab
+    if gpt.ln_f is not None:
+        # the head's input enters a column-parallel matmul: f on the final norm's output
+        gpt.ln_f.register_forward_hook(lambda _m, _i, out: copy_to_tp(out, comm))
+        gpt.loss_fn = vocab_parallel_loss(comm, start)
+    return specs
+
+
+def gather_full(tensors: dict[str, torch.Tensor], specs: dict[str, ShardSpec], comm, root: int = 0) -> dict | None:
+    """The whole tensors on tensor-parallel rank ``root`` (None elsewhere): sharded ones joined
+    from every rank's shard, replicated ones as they are. Collective over ``comm``."""
+    if comm is None or comm.Get_size() == 1:
+        return dict(tensors)
+    sharded = {k: v.detach().cpu() for k, v in tensors.items() if k in specs}
+    got = comm.gather(sharded, root=root)
+    if comm.Get_rank() != root:
+        return None
+    out = {k: v for k, v in tensors.items() if k not in specs}
+    for k in sharded:
+        out[k] = specs[k].join([g[k] for g in got])
+    return out
+
+
+def shard_tensors(full: dict[str, torch.Tensor], specs: dict[str, ShardSpec], size: int, rank: int) -> dict:
+    """This rank's pieces of whole tensors (a checkpoint written under any degree)."""
+    return {k: (specs[k].shard(v, size, rank).clone() if k in specs and size > 1 else v) for k, v in full.items()}
