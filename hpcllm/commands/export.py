@@ -17,11 +17,16 @@ import click
 @click.option("--max-shard-size", "max_shard_mb", type=click.IntRange(min=1), default=None,
               help="--format hf: split model.safetensors into shards of at most this many MiB, with "
                    "model.safetensors.index.json [default: 5120].")
-def export(checkpoint, out, fmt, dtype, max_shard_mb):
+@click.option("--int8", is_flag=True, default=False,
+              help="--format hpcllm: INT8 weight-only quantization (per-channel int8, fp32 scales; about a "
+                   "quarter of the fp32 size); `hpcllm generate` and `hpcllm eval` load it as is.")
+def export(checkpoint, out, fmt, dtype, max_shard_mb, int8):
     """Consolidate CHECKPOINT (a checkpoint directory, a run directory: its latest checkpoint,
     or with --format hf also an exported file) into one file with the model config, the full
     state dict and the tokenizer, or into a Hugging Face model directory. Checkpoints of any
     layout (pipeline stages, replicas, ZeRO shards) are merged by parameter name."""
+    if fmt == "hf" and int8:
+        raise click.UsageError("--int8 applies to --format hpcllm only")
     if fmt == "hf":
         from hpcllm.interop.hf_export import DEFAULT_MAX_SHARD_BYTES, export_hf
 
@@ -35,6 +40,6 @@ def export(checkpoint, out, fmt, dtype, max_shard_mb):
             raise click.UsageError(f"{flag} applies to --format hf only")
     from hpcllm.infer.export import export_checkpoint
 
-    src, written, stages = export_checkpoint(checkpoint, out)
+    src, written, stages = export_checkpoint(checkpoint, out, int8=int8)
     what = f"{stages} pipeline stages" if stages else "data-parallel checkpoint"
-    click.echo(f"exported {src} ({what}) -> {written}")
+    click.echo(f"exported {src} ({what}{', INT8' if int8 else ''}) -> {written}")

@@ -55,43 +55,57 @@ def train(config_file, **flags):
               help="Prompts per batch with --prompts-file (left-padded).")
 @click.option("--output", type=click.Choice(["text", "jsonl"]), default="text", show_default=True,
               help="With --prompts-file: prompt + completion per prompt, or one JSON object per prompt.")
+@click.option("--int8", is_flag=True, default=False,
+              help="Quantize the weights to INT8 after loading (per-channel, weight-only; an `export --int8` "
+                   "file is INT8 without this flag).")
 def generate(checkpoint, prompt, max_new_tokens, temperature, top_k, seed, device, top_p, stop, kv_cache,
-             prompts_file, batch_size, output):
+             prompts_file, batch_size, output, int8):
     """Sample a continuation of --prompt from CHECKPOINT: a run directory (its latest
     checkpoint), a checkpoint directory, or a file written by `hpcllm export`. Uses the
-    tokenizer the model was trained with (checked by sha256). One process, no MPI."""
-    from hpcllm.infer.generate import SampleConfig, generate as run_generate, valid_prompt
+    tokenizer the model was trained with (checked by sha256). One process, no MPI. A prompt
+    longer than the model's seq_len loses its first tokens (a note on stderr says how many;
+    a "prompt_tokens_dropped" field with --output jsonl)."""
+    from hpcllm.infer.generate import SampleConfig, complete, load_model, truncation_note, valid_prompt
 
     sample = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                           top_k=top_k or None, seed=seed, kv_cache=kv_cache, top_p=top_p, stop=stop or None)
     if prompts_file is not None:
-        _generate_many(checkpoint, prompts_file, sample, device, batch_size, output)
+        _generate_many(checkpoint, prompts_file, sample, device, batch_size, output, int8)
         return
     prompt, note = valid_prompt(prompt)
     if note:
         click.echo(f"note: {note}", err=True)
-    click.echo(prompt + run_generate(checkpoint, prompt, sample, device=device))
+    loaded = load_model(checkpoint, device=device, int8=int8)
+    out = complete(loaded, prompt, sample)
+    if out["prompt_tokens_dropped"]:
+        n = len(loaded.tokenizer.encode(prompt))
+        click.echo(f"note: {truncation_note(out['prompt_tokens_dropped'], n, loaded.seq_len, '--prompt')}", err=True)
+    click.echo(prompt + out["completion"])
 
 
-def _generate_many(checkpoint, prompts_file, sample, device, batch_size, output):
+def _generate_many(checkpoint, prompts_file, sample, device, batch_size, output, int8=False):
     import json
     import time
 
-    from hpcllm.infer.generate import cut_at_stop, generate_batch, load_model, read_prompts, valid_prompt
+    from hpcllm.infer.generate import finish, generate_batch, load_model, read_prompts, truncation_note, valid_prompt
 
     prompts = [valid_prompt(p)[0] for p in read_prompts(prompts_file)]
-    loaded = load_model(checkpoint, device=device)
+    loaded = load_model(checkpoint, device=device, int8=int8)
     tok = loaded.tokenizer
+    encoded = [tok.encode(p) for p in prompts]
     t0 = time.perf_counter()
-    new = generate_batch(loaded.model, [tok.encode(p) for p in prompts], sample, seq_len=loaded.seq_len,
+    new = generate_batch(loaded.model, encoded, sample, seq_len=loaded.seq_len,
                          vocab_size=tok.vocab_size, eod_id=tok.eod_id, batch_size=batch_size)
     dt = time.perf_counter() - t0
-    for p, ids in zip(prompts, new):
-        if ids and sample.stop_at_eod and ids[-1] == tok.eod_id:
-            ids = ids[:-1]
-        text = cut_at_stop(tok.decode(ids), sample.stop)
-        click.echo(json.dumps({"prompt": p, "completion": text, "tokens": len(ids)}) if output == "jsonl"
-                   else p + text)
+    for i, (p, ids, enc) in enumerate(zip(prompts, new, encoded), 1):
+        res = finish(loaded, ids, sample, max(0, len(enc) - loaded.seq_len))
+        if output == "jsonl":
+            click.echo(json.dumps({"prompt": p, **res}))
+            continue
+        if res["prompt_tokens_dropped"]:
+            click.echo(f"note: {truncation_note(res['prompt_tokens_dropped'], len(enc), loaded.seq_len, f'prompt {i}')}",
+                       err=True)
+        click.echo(p + res["completion"])
     n = sum(len(x) for x in new)
     click.echo(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f} s ({n / dt:.1f} tokens/s)", err=True)
 

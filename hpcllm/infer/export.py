@@ -4,7 +4,8 @@ Checkpoint tensors are keyed by the whole model's parameter names whatever wrote
 (:class:`hpcllm.train.checkpoint.CheckpointReader` finds each in its file), so an export is a
 checked merge: every parameter of the model present (a damaged or partial checkpoint is a
 one-line error), a version-1 pipeline checkpoint's two copies of the tied embedding equal,
-then the payload of :func:`hpcllm.infer.generate.save_export`.
+then the payload of :func:`hpcllm.infer.generate.save_export` (``--int8``: the quantized
+weights, each tensor once, and a ``quantization`` field that loading recognises).
 """
 from __future__ import annotations
 
@@ -54,9 +55,10 @@ def check_checkpoint(d: Path) -> int:
     return P if P > 1 else 0
 
 
-def export_checkpoint(path, out) -> tuple[Path, Path, int]:
-    """Write the single-file model for checkpoint or run directory ``path`` to ``out``;
-    returns (checkpoint used, file written, stages merged)."""
+def export_checkpoint(path, out, int8: bool = False) -> tuple[Path, Path, int]:
+    """Write the single-file model for checkpoint or run directory ``path`` to ``out``
+    (``int8``: its INT8 weight-only quantization, :mod:`hpcllm.infer.quantize`); returns
+    (checkpoint used, file written, stages merged)."""
     from hpcllm.infer.generate import save_export
 
     from hpcllm.locking import lock_file
@@ -64,5 +66,5 @@ def export_checkpoint(path, out) -> tuple[Path, Path, int]:
     d = find_checkpoint(path)
     stages = check_checkpoint(d)
     with lock_file(out):  # one writer of this file
-        written = save_export(d, out)
+        written = save_export(d, out, int8=int8)
     return d, written, stages

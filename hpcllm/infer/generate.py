@@ -9,6 +9,10 @@ The tokenizer is the one the model was trained with: a checkpoint records the da
 tokenizer sha256, and the tokenizer is loaded (from a copy in the checkpoint, from the dataset
 directory named in its config.json, or from the exported file) and checked against that hash,
 because decoding with another vocabulary produces plausible-looking garbage.
+
+``load_model(..., int8=True)`` quantizes the weights after loading (:mod:`hpcllm.infer.quantize`);
+an exported file written with ``hpcllm export --int8`` (its ``quantization`` field) loads as
+the quantized model without ever materialising the fp32 weights.
 """
 from __future__ import annotations
 
@@ -62,6 +66,8 @@ class LoadedModel:
     model_config: dict
     source: str
     step: int | None = None
+    quantization: str | None = None
+    """None (the trained weights) or :data:`hpcllm.infer.quantize.METHOD`."""
 
     @property
     def seq_len(self) -> int:
@@ -262,10 +268,41 @@ def _build_model(model_config: dict, state: dict, where: Path) -> torch.nn.Modul
     return model
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
-    """Load a model and its tokenizer from a run dir, checkpoint dir or exported file."""
+def _build_quantized_model(model_config: dict, state: dict, where: Path) -> torch.nn.Module:
+    """The INT8 model of an ``export --int8`` file: built on the meta device, quantized (shapes
+    only) and then given the file's tensors, so the fp32 weights never exist in memory."""
+    from hpcllm.infer import quantize
+    from hpcllm.model.gpt import GPT, GPTConfig
+    from hpcllm.train.checkpoint import CONFIG_SCHEMA
+
+    validate(model_config, CONFIG_SCHEMA["model"], str(where), "model")
+    try:
+        cfg = GPTConfig(**model_config)
+    except (TypeError, ValueError) as e:
+        raise HpcllmError(f"{where}: model configuration does not match this hpcllm version: {e}") from None
+    with torch.device("meta"):
+        model = quantize.quantize_int8(GPT(cfg, init_seed=None))
+    ref = quantize.quantized_state_dict(model)
+    missing = sorted(set(ref) - set(state))
+    unexpected = sorted(set(state) - set(ref))
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} vs {tuple(ref[k].shape)} {ref[k].dtype}" for k, v in state.items()
+             if k in ref and (v.shape != ref[k].shape or v.dtype != ref[k].dtype)]
+    if missing or unexpected or wrong:
+        raise HpcllmError(f"{where}: INT8 weights do not fit the model configuration (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}, mismatched {wrong[:2]})")
+    model.load_state_dict(state, strict=False, assign=True)
+    quantize.tie_head(model)
+    return model
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", int8: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer from a run dir, checkpoint dir or exported file;
+    ``int8``: quantize its weights (an INT8 export is quantized whatever ``int8`` says)."""
+    from hpcllm.infer import quantize
+
     src = resolve_checkpoint(path)
     step = None
+    quantization = None
     if src.is_file():
         from hpcllm.train.checkpoint import load_torch
 
@@ -287,6 +324,10 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
                               f"{tinfo['sha256'][:12]}…")
         state = payload["model"]
         step = payload.get("step")
+        quantization = payload.get("quantization")
+        if quantization not in (None, quantize.METHOD):
+            raise HpcllmError(f"{src}: quantization {quantization!r} is not one this hpcllm version reads "
+                              f"(only {quantize.METHOD!r})")
     else:
         config = _read_json(src / "config.json")
         trainer = _read_json(src / "trainer.json") if (src / "trainer.json").is_file() else {}
@@ -294,13 +335,20 @@ def load_model(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         model_config = _model_config_of(config, src / "config.json", tok.vocab_size)
         state = _merge_state_dicts(src)
         step = trainer.get("step")
-    model = _build_model(model_config, state, src)
+    if quantization is not None:
+        model = _build_quantized_model(model_config, state, src)
+    else:
+        model = _build_model(model_config, state, src)
+        if int8:
+            quantize.quantize_int8(model)
+            quantization = quantize.METHOD
     model_vocab = int(model_config.get("vocab_size", tok.vocab_size))
     if tok.vocab_size > model_vocab:
         raise HpcllmError(f"{src}: tokenizer has {tok.vocab_size} tokens but the model only {model_vocab}")
     dev = _device(device)
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tok, model_config=model_config, source=str(src), step=step)
+    return LoadedModel(model=model, tokenizer=tok, model_config=model_config, source=str(src), step=step,
+                       quantization=quantization)
 
 
 def _device(device: str) -> torch.device:
@@ -313,6 +361,22 @@ def _device(device: str) -> torch.device:
 
 
 # --------------------------------------------------------------------------- sampling
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's tensors are (parameters, or buffers: a quantized model's weights)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def truncate_prompt(ids: list[int], seq_len: int) -> tuple[list[int], int]:
+    """The prompt's last ``seq_len`` tokens (the most the model attends to) and the number
+    of tokens dropped from its start."""
+    dropped = max(0, len(ids) - seq_len)
+    return (list(ids[dropped:]), dropped)
 
 
 def _logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
@@ -351,7 +415,9 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
                  vocab_size: int, eod_id: int | None = None) -> list[int]:
     """Extend ``prompt_ids`` by up to ``sample.max_new_tokens`` tokens; returns only the new ids.
 
-    The context is cropped to the last ``seq_len`` tokens (the model has no positions beyond).
+    A prompt longer than ``seq_len`` is truncated from the left (:func:`truncate_prompt`; the
+    CLI says how many tokens were dropped); later the context keeps the last ``seq_len`` tokens
+    (the model has no positions beyond).
     With ``sample.kv_cache`` the prompt is encoded once and each new token costs one position's
     forward pass; once the context exceeds ``seq_len`` every step re-encodes the last
     ``seq_len`` tokens, which is what the model sees without a cache.
@@ -362,9 +428,10 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
         raise HpcllmError(f"--top-k {sample.top_k}: must be >= 0")
     if sample.top_p is not None and not 0 < sample.top_p <= 1:
         raise HpcllmError(f"--top-p {sample.top_p}: must be in (0, 1]")
-    device = next(model.parameters()).device
+    device = model_device(model)
     # the generator lives on the CPU so a seed gives the same text on CPU and GPU
     gen = torch.Generator(device="cpu").manual_seed(sample.seed)
+    prompt_ids = truncate_prompt(prompt_ids, seq_len)[0] if prompt_ids else prompt_ids
     ids = list(prompt_ids) if prompt_ids else ([eod_id] if eod_id is not None else [0])
     start = len(ids) if prompt_ids else 0
     was_training = model.training
@@ -406,7 +473,9 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], sample: Sam
     if batch_size < 1:
         raise HpcllmError(f"--batch-size {batch_size}: must be >= 1")
     out: list = [None] * len(prompts)
-    device = next(model.parameters()).device
+    device = model_device(model)
+    # the model attends to seq_len tokens at most: longer prompts lose their start
+    prompts = [truncate_prompt(p, seq_len)[0] for p in prompts]
     start_tok = eod_id if eod_id is not None else 0
     was_training = model.training
     model.eval()
@@ -486,7 +555,7 @@ def read_prompts(path) -> list[str]:
 
 
 #: what loading an exported file relies on
-EXPORT_SCHEMA = {"config": dict, "model": dict, "step": Opt(Nullable(COUNT)),
+EXPORT_SCHEMA = {"config": dict, "model": dict, "step": Opt(Nullable(COUNT)), "quantization": Opt(Nullable(str)),
                  "tokenizer": Opt(Nullable({"type": Opt(str), "json": Opt(Nullable(str)), "sha256": Opt(Nullable(str))}))}
 
 
@@ -514,12 +583,32 @@ def valid_prompt(prompt: str) -> tuple[str, str | None]:
 
 def generate_text(loaded: LoadedModel, prompt: str, sample: SampleConfig) -> str:
     """The completion of ``prompt`` (without the prompt), decoded; the EOD token is dropped."""
+    return complete(loaded, prompt, sample)["completion"]
+
+
+def complete(loaded: LoadedModel, prompt: str, sample: SampleConfig) -> dict:
+    """``{"completion": text, "tokens": new ids, "prompt_tokens_dropped": n}`` for ``prompt``
+    (n > 0: the prompt was longer than seq_len and lost its first n tokens)."""
     tok = loaded.tokenizer
-    new = generate_ids(loaded.model, tok.encode(valid_prompt(prompt)[0]), sample, seq_len=loaded.seq_len,
-                       vocab_size=tok.vocab_size, eod_id=tok.eod_id)
+    ids = tok.encode(valid_prompt(prompt)[0])
+    dropped = truncate_prompt(ids, loaded.seq_len)[1]
+    new = generate_ids(loaded.model, ids, sample, seq_len=loaded.seq_len, vocab_size=tok.vocab_size,
+                       eod_id=tok.eod_id)
+    return finish(loaded, new, sample, dropped)
+
+
+def finish(loaded: LoadedModel, new: list[int], sample: SampleConfig, dropped: int = 0) -> dict:
+    """The decoded completion of new ids ``new`` (EOD dropped, cut at the stop string)."""
+    tok = loaded.tokenizer
     if new and sample.stop_at_eod and new[-1] == tok.eod_id:
         new = new[:-1]
-    return cut_at_stop(tok.decode(new), sample.stop)
+    return {"completion": cut_at_stop(tok.decode(new), sample.stop), "tokens": len(new),
+            "prompt_tokens_dropped": dropped}
+
+
+def truncation_note(dropped: int, prompt_tokens: int, seq_len: int, which: str = "the prompt") -> str:
+    return (f"{which} has {prompt_tokens} tokens, more than the model's seq_len {seq_len}: "
+            f"its first {dropped} token{'s' if dropped != 1 else ''} were dropped")
 
 
 def cut_at_stop(text: str, stop: str | None) -> str:
@@ -532,30 +621,37 @@ def cut_at_stop(text: str, stop: str | None) -> str:
 
 
 def generate(checkpoint: str | os.PathLike, prompt: str, sample: SampleConfig | None = None,
-             device: str = "cpu") -> str:
+             device: str = "cpu", int8: bool = False) -> str:
     """Load ``checkpoint`` and return the sampled completion of ``prompt``."""
-    return generate_text(load_model(checkpoint, device=device), prompt, sample or SampleConfig())
+    return generate_text(load_model(checkpoint, device=device, int8=int8), prompt, sample or SampleConfig())
 
 
 # --------------------------------------------------------------------------- export
 
 
-def export_payload(checkpoint: str | os.PathLike) -> dict:
-    """The single-file form of a checkpoint: config, fp32 state dict and the tokenizer itself."""
-    loaded = load_model(checkpoint, device="cpu")
+def export_payload(checkpoint: str | os.PathLike, int8: bool = False) -> dict:
+    """The single-file form of a checkpoint: config, fp32 state dict and the tokenizer itself;
+    ``int8``: the quantized state (each tensor once) and ``quantization`` naming the method."""
+    from hpcllm.infer.quantize import quantized_state_dict
+
+    loaded = load_model(checkpoint, device="cpu", int8=int8)
     tok = loaded.tokenizer
     tok_json = None
     if getattr(tok, "type", "byte") != "byte":
         tok_json = _tokenizer_json_text(tok, Path(loaded.source))
-    return {
+    state = quantized_state_dict(loaded.model) if loaded.quantization else loaded.model.state_dict()
+    payload = {
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "config": loaded.model_config,
-        "model": {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()},
+        "model": {k: v.detach().cpu() for k, v in state.items()},
         "tokenizer": {"type": tok.type, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
                       "sha256": tok.sha256, "json": tok_json},
         "step": loaded.step,
     }
+    if loaded.quantization:  # absent from fp32 files, so they stay what older versions wrote
+        payload["quantization"] = loaded.quantization
+    return payload
 
 
 def _tokenizer_json_text(tok: Any, ckpt: Path) -> str:
@@ -566,7 +662,7 @@ def _tokenizer_json_text(tok: Any, ckpt: Path) -> str:
     raise HpcllmError(f"{ckpt}: the BPE tokenizer's file is gone; cannot embed it in the export")
 
 
-def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike, int8: bool = False) -> Path:
     """Write :func:`export_payload` to ``out`` atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -574,7 +670,7 @@ def save_export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
 
     remove_stale_tmp(out)  # a killed export's half-written file
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-    payload = export_payload(checkpoint)
+    payload = export_payload(checkpoint, int8=int8)
     from hpcllm.fileio import write_error
     from hpcllm.train.checkpoint import save_torch
 
