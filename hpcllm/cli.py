@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": "hpcllm.commands.train:generate",
     "plot": "hpcllm.commands.train:plot",
     "export": "hpcllm.commands.export:export",
+    "eval": "hpcllm.commands.eval:eval_command",
     "slurm": "hpcllm.commands.slurm:slurm",
     "plan": "hpcllm.commands.plan:plan",
     "doctor": "hpcllm.commands.doctor:doctor",
