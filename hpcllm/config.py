@@ -138,6 +138,9 @@ class ParallelConfig:
                                "column then row, vocabulary-parallel embedding and loss); consecutive ranks, so "
                                "a group sits within a node. world = tensor-parallel x stages x replicas.",
                                range=AT_LEAST_1)
+    sequence_parallel: bool = opt(False, "With --tensor-parallel: norms, residuals and dropout-free regions on "
+                                  "sequence chunks (each rank 1/T of those activations); all-gather / reduce-scatter "
+                                  "instead of the all-reduces. --seq-len must be divisible by T.")
     schedule: str = opt("1f1b", "Pipeline schedule: 1f1b (stage s holds at most P - s micro-batches of "
                         "activations), gpipe (all forwards, then all backwards; holds M) or zbh1 "
                         "(zero-bubble 1F1B: linear layers' weight gradients deferred into the bubble, "
@@ -433,6 +436,8 @@ def validate(cfg: TrainConfig) -> None:
     need(not (p.zero_stage == 3 and p.pipeline_stages > 1),
          f"--zero-stage 3 does not combine with --pipeline-stages {p.pipeline_stages} (each stage's parameters "
          "would be gathered once per micro-batch); use --zero-stage 1 or 2 with stages")
+    need(not (p.sequence_parallel and p.tensor_parallel == 1),
+         "--sequence-parallel applies to tensor parallelism only (--tensor-parallel > 1)")
     if p.tensor_parallel > 1:
         need(p.zero_stage == 0, f"--zero-stage {p.zero_stage} does not combine with --tensor-parallel "
              f"{p.tensor_parallel} yet; use --zero-stage 0 with tensor parallelism")

@@ -309,10 +309,12 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: "_LayerKV | None" = None,
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x.shape
-        # widths from the head counts, not from x: a tensor-parallel rank holds some of the heads
+        # sizes from the projection's output and the head counts, not from x: a tensor-parallel
+        # rank holds some of the heads (and, sequence-parallel, x is its chunk of the sequence)
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape
         qd, kvd = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split((qd, kvd, kvd), dim=2)
+        q, k, v = qkv.split((qd, kvd, kvd), dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k, v = (t.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2) for t in (k, v))
         start = kv.cache.pos if kv is not None else 0

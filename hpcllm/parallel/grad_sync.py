@@ -81,12 +81,15 @@ class GradSync:
     matrix shared with another stage (summed over ``groups.tie``), or None."""
 
     def __init__(self, named_params, groups, compression: str = "none", tied: str | None = None,
-                 tp_replicated=frozenset()):
+                 tp_replicated=frozenset(), tp_partial: bool = False):
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
         self.groups = groups
         self.dp_size = groups.dims.dp
         #: names held whole by every tensor-parallel rank (empty without tensor parallelism)
         self.tp_replicated = set(tp_replicated)
+        #: sequence parallelism: each tensor-parallel rank holds only its sequence chunk's
+        #: share of those parameters' gradients; finish() sums them over the group
+        self.tp_partial = tp_partial
         self.tied = tied if groups.tie is not None else None
         self.tied_param = dict(self.params).get(self.tied) if self.tied else None
         #: names whose gradient is a duplicate of one counted elsewhere (norm counts it once)
@@ -159,7 +162,25 @@ class GradSync:
         if self.tied is not None:
             with self.groups.waiting("the tied-embedding gradient sum"):
                 self._sum_tied()
+        if self.tp_partial:
+            with self.groups.waiting("the sequence-parallel gradient sum"):
+                self._sum_tp_partial()
         self.wait_s = time.perf_counter() - t0
+
+    def _sum_tp_partial(self) -> None:
+        """Sum the replicated parameters' gradients over the tensor-parallel group, in one
+        flat float64-free fp32 buffer (one all-reduce per step)."""
+        from mpi4py import MPI
+
+        grads = [p.grad for n, p in self.params if n in self.tp_replicated and p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
+        self.groups.comm["tp"].Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+        o = 0
+        for g in grads:
+            g.copy_(flat[o:o + g.numel()].view_as(g))
+            o += g.numel()
 
     def _sum_tied(self) -> None:
         """First and last stage add their copies' gradients, so both hold the whole model's."""

@@ -113,7 +113,8 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         from hpcllm.parallel.tensor_parallel import TPComm, apply_tensor_parallel
 
         tp_comm = TPComm(groups.comm.get("tp"))
-        tp_specs = apply_tensor_parallel(gpt, tp_comm, gpt_cfg)
+        tp_specs = apply_tensor_parallel(gpt, tp_comm, gpt_cfg, getattr(pcfg, "sequence_parallel", False),
+                                         stage=module if module is not gpt else None)
     if pcfg.recompute:
         apply_recompute(gpt.block_list())
     compiled = 0
@@ -139,5 +140,6 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
     else:
         replicated = {n for n, _ in module.named_parameters() if n not in tp_specs} if tp_specs else set()
         sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied,
-                        tp_replicated=replicated)
+                        tp_replicated=replicated,
+                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1)
     return Parallelized(module, runner, sync, partition, compiled, zero, tp_specs, tp_comm)

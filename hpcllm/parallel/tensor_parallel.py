@@ -74,6 +74,109 @@ class TPComm:
         return t
 
 
+    def _wire(self, t: torch.Tensor) -> torch.Tensor:
+        w = t.detach()
+        if w.device.type != "cpu":
+            w = w.cpu()
+        if w.dtype not in (torch.float32, torch.float64):
+            w = w.float()
+        return w.contiguous()
+
+    def gather_seq(self, t: torch.Tensor, where: str = "fwd") -> torch.Tensor:
+        """(B, t, ...) shards -> (B, T*t, ...) in rank order: sequence parallelism's all-gather."""
+        self.calls[where + "_allgather"] += 1
+        if self.size == 1:
+            return t
+        import time
+
+        start = time.perf_counter()
+        w = self._wire(t)
+        out = torch.empty((self.size,) + tuple(w.shape), dtype=w.dtype)
+        self.comm.Allgather(w.numpy(), out.numpy())
+        out = out.movedim(0, 1).reshape(w.shape[0], self.size * w.shape[1], *w.shape[2:])
+        self.seconds += time.perf_counter() - start
+        return out.to(device=t.device, dtype=t.dtype)
+
+    def reduce_scatter_seq(self, t: torch.Tensor, where: str = "fwd") -> torch.Tensor:
+        """(B, T, ...) partial sums -> this rank's (B, T/size, ...) chunk of their sum."""
+        self.calls[where + "_reduce_scatter"] += 1
+        if self.size == 1:
+            return t
+        import time
+
+        from mpi4py import MPI
+
+        start = time.perf_counter()
+        B, T = t.shape[0], t.shape[1]
+        w = self._wire(t.reshape(B, self.size, T // self.size, *t.shape[2:]).movedim(1, 0))
+        out = torch.empty(tuple(w.shape[1:]), dtype=w.dtype)
+        self.comm.Reduce_scatter_block(w.numpy(), out.numpy(), op=MPI.SUM)
+        self.seconds += time.perf_counter() - start
+        return out.to(device=t.device, dtype=t.dtype)
+
+    def chunk_seq(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of a (B, T, ...) tensor every rank holds whole."""
+        n = t.shape[1] // self.size
+        return t[:, self.rank * n:(self.rank + 1) * n]
+
+
+class _GatherSeq(torch.autograd.Function):
+    """Sequence parallelism's entry to a column-parallel layer: all-gather forward,
+    reduce-scatter of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.gather_seq(x, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter_seq(grad.contiguous(), "bwd"), None
+
+
+class _ScatterSeq(torch.autograd.Function):
+    """Sequence parallelism's exit of a row-parallel layer: reduce-scatter forward,
+    all-gather of the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.reduce_scatter_seq(x, "fwd")
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.gather_seq(grad.contiguous(), "bwd"), None
+
+
+class _ChunkSeq(torch.autograd.Function):
+    """Take this rank's sequence chunk of an input every rank holds whole (a pipeline stage's
+    input); the gradient is zero outside it (the sender's all-gather sums the ranks' chunks)."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm, ctx.shape = comm, x.shape
+        return comm.chunk_seq(x).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_zeros(ctx.shape)
+        n = ctx.shape[1] // ctx.comm.size
+        out[:, ctx.comm.rank * n:(ctx.comm.rank + 1) * n] = grad
+        return out, None
+
+
+def gather_seq(x, comm: TPComm):
+    return _GatherSeq.apply(x, comm) if comm.size > 1 else x
+
+
+def scatter_seq(x, comm: TPComm):
+    return _ScatterSeq.apply(x, comm) if comm.size > 1 else x
+
+
+def chunk_seq(x, comm: TPComm):
+    return _ChunkSeq.apply(x, comm) if comm.size > 1 else x
+
+
 class _CopyToTP(torch.autograd.Function):
     """Megatron's f: identity forward, all-reduce of the gradient backward."""
 
@@ -129,45 +232,63 @@ class ShardSpec:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_r = x W_r^T + b_r for this rank's output rows; the input's gradient is all-reduced."""
+    """y_r = x W_r^T + b_r for this rank's output rows; the input's gradient is all-reduced
+    (sequence parallel: the input's sequence chunks all-gathered first)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm, sequence_parallel=False):
         super().__init__()
-        self.comm = comm
+        self.comm, self.sequence_parallel = comm, sequence_parallel
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None
 
     def forward(self, x):
-        return F.linear(copy_to_tp(x, self.comm), self.weight, self.bias)
+        x = gather_seq(x, self.comm) if self.sequence_parallel else copy_to_tp(x, self.comm)
+        return F.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum_r x_r W_r^T (one all-reduce) + b, for this rank's input columns."""
+    """y = sum_r x_r W_r^T (one all-reduce; sequence parallel: a reduce-scatter to this rank's
+    sequence chunk) + b, for this rank's input columns."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, comm: TPComm, sequence_parallel=False):
         super().__init__()
-        self.comm = comm
+        self.comm, self.sequence_parallel = comm, sequence_parallel
         self.weight = nn.Parameter(weight)
         self.bias = nn.Parameter(bias) if bias is not None else None  # replicated, added once
 
     def forward(self, x):
-        y = reduce_from_tp(F.linear(x, self.weight), self.comm)
+        y = F.linear(x, self.weight)
+        y = scatter_seq(y, self.comm) if self.sequence_parallel else reduce_from_tp(y, self.comm)
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + n) of the embedding; other ids contribute zeros; one all-reduce."""
+    """Rows [start, start + n) of the embedding; other ids contribute zeros; one all-reduce
+    (sequence parallel: a reduce-scatter to this rank's sequence chunk)."""
 
-    def __init__(self, weight: torch.Tensor, start: int, comm: TPComm):
+    def __init__(self, weight: torch.Tensor, start: int, comm: TPComm, sequence_parallel=False):
         super().__init__()
-        self.comm, self.start = comm, start
+        self.comm, self.start, self.sequence_parallel = comm, start, sequence_parallel
         self.weight = nn.Parameter(weight)
 
     def forward(self, idx):
         n = self.weight.size(0)
         outside = (idx < self.start) | (idx >= self.start + n)
-        out = F.embedding((idx - self.start).masked_fill(outside, 0), self.weight)
-        return reduce_from_tp(out.masked_fill(outside[..., None], 0.0), self.comm)
+        out = F.embedding((idx - self.start).masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return scatter_seq(out, self.comm) if self.sequence_parallel else reduce_from_tp(out, self.comm)
+
+
+class SequenceChunkPositions(nn.Module):
+    """Learned positions under sequence parallelism: the rows of this rank's sequence chunk."""
+
+    def __init__(self, weight: torch.Tensor, comm: TPComm):
+        super().__init__()
+        self.comm = comm
+        self.weight = nn.Parameter(weight)
+
+    def forward(self, positions):
+        n = positions.shape[-1] // self.comm.size
+        return F.embedding(positions[..., self.comm.rank * n:(self.comm.rank + 1) * n], self.weight)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -211,8 +332,10 @@ def vocab_parallel_loss(comm: TPComm, start: int):
     return loss_fn
 
 
-def check_divisible(cfg, tp: int) -> None:
+def check_divisible(cfg, tp: int, sequence_parallel: bool = False) -> None:
     """One line per misfit of the model and the tensor-parallel degree."""
+    if sequence_parallel and cfg.seq_len % tp:
+        raise HpcllmError(f"--sequence-parallel: --seq-len {cfg.seq_len} is not divisible by --tensor-parallel {tp}")
     for what, n in (("--n-head", cfg.n_head), ("key/value heads (--n-kv-head)", cfg.n_kv_head),
                     ("the MLP hidden size", cfg.hidden_dim), ("the padded vocabulary", cfg.padded_vocab)):
         if n % tp:
@@ -220,12 +343,15 @@ def check_divisible(cfg, tp: int) -> None:
 
 
 @torch.no_grad()
-def apply_tensor_parallel(gpt, comm: TPComm, cfg) -> dict[str, ShardSpec]:
+def apply_tensor_parallel(gpt, comm: TPComm, cfg, sequence_parallel: bool = False, stage=None) -> dict[str, ShardSpec]:
     """Shard ``gpt`` (a whole GPT or a pipeline stage's slice, already initialised) over
     ``comm``'s ranks in place; returns the ShardSpec of every sharded parameter by name
-    (the others are replicated)."""
+    (the others are replicated). ``sequence_parallel``: norms and residuals on sequence
+    chunks (all-gather / reduce-scatter instead of the all-reduces); ``stage``: the
+    PipelineStage holding ``gpt`` (its input is chunked, its output gathered)."""
     T, r = comm.size, comm.rank
-    check_divisible(cfg, T)
+    sp = sequence_parallel and T > 1
+    check_divisible(cfg, T, sp)
     specs: dict[str, ShardSpec] = {}
     d, kvd, h = cfg.d_model, cfg.kv_dim, cfg.hidden_dim
     qkv, fc = ShardSpec(0, (d, kvd, kvd)), ShardSpec(0, (h, h) if cfg.arch == "llama" else (h,))
@@ -237,14 +363,14 @@ def apply_tensor_parallel(gpt, comm: TPComm, cfg) -> dict[str, ShardSpec]:
             lin = getattr(mod, name)
             w = spec.shard(lin.weight, T, r).clone()
             b = spec.shard(lin.bias, T, r).clone() if lin.bias is not None else None
-            setattr(mod, name, ColumnParallelLinear(w, b, comm))
+            setattr(mod, name, ColumnParallelLinear(w, b, comm, sp))
             specs[p + f"{'attn' if mod is blk.attn else 'mlp'}.{name}.weight"] = spec
             if b is not None:
                 specs[p + f"{'attn' if mod is blk.attn else 'mlp'}.{name}.bias"] = spec
         for mod, key in ((blk.attn, "attn.proj"), (blk.mlp, "mlp.proj")):
             lin, spec = mod.proj, rows_in[key]
             b = lin.bias.detach().clone() if lin.bias is not None else None
-            mod.proj = RowParallelLinear(spec.shard(lin.weight, T, r).clone(), b, comm)
+            mod.proj = RowParallelLinear(spec.shard(lin.weight, T, r).clone(), b, comm, sp)
             specs[p + key + ".weight"] = spec
         blk.attn.n_head //= T
         blk.attn.n_kv_head //= T
@@ -252,17 +378,27 @@ def apply_tensor_parallel(gpt, comm: TPComm, cfg) -> dict[str, ShardSpec]:
     vocab = ShardSpec(0, (V,))
     start = r * (V // T)
     if gpt.wte is not None:
-        gpt.wte = VocabParallelEmbedding(vocab.shard(gpt.wte.weight, T, r).clone(), start, comm)
+        gpt.wte = VocabParallelEmbedding(vocab.shard(gpt.wte.weight, T, r).clone(), start, comm, sp)
         specs["wte.weight"] = vocab
+    if sp and gpt.wpe is not None:
+        gpt.wpe = SequenceChunkPositions(gpt.wpe.weight.detach().clone(), comm)
     if gpt.lm_head is not None:
         head = nn.Linear(d, V // T, bias=False, device=gpt.lm_head.weight.device)
         head.weight.copy_(vocab.shard(gpt.lm_head.weight, T, r))
         gpt.lm_head = head
         specs["lm_head.weight"] = vocab
     if gpt.ln_f is not None:
-        # the head's input enters a column-parallel matmul: f on the final norm's output
-        gpt.ln_f.register_forward_hook(lambda _m, _i, out: copy_to_tp(out, comm))
+        # the head's input enters a column-parallel matmul: f (or the all-gather) on the final
+        # norm's output
+        enter = gather_seq if sp else copy_to_tp
+        gpt.ln_f.register_forward_hook(lambda _m, _i, out: enter(out, comm))
         gpt.loss_fn = vocab_parallel_loss(comm, start)
+    if sp and stage is not None:
+        # stages exchange whole sequences: chunked on entry, gathered on exit
+        if not stage.first:
+            stage.input_fn = lambda x: chunk_seq(x, comm)
+        if not stage.last:
+            stage.output_fn = lambda x: gather_seq(x, comm)
     return specs
 
 

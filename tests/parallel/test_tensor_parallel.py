@@ -72,12 +72,13 @@ def tp_run(tmp_path, tdata, name, np_, *extra, hosts=None):
     return out, res
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_two_tensor_parallel_ranks_equal_one_process(tdata, references, tmp_path, name):
-    out, res = tp_run(tmp_path, tdata, name, 2, "--tensor-parallel", "2")
+@pytest.mark.parametrize("name,sp", [("learned", False), ("rope", False), ("llama", False), ("learned", True),
+                                     ("llama", True)])
+def test_two_tensor_parallel_ranks_equal_one_process(tdata, references, tmp_path, name, sp):
+    out, res = tp_run(tmp_path, tdata, name, 2, "--tensor-parallel", "2", *(["--sequence-parallel"] if sp else []))
     assert "tensor parallel: 2 ranks" in res.stdout and "mpi4py" in res.stdout
     assert json.loads((out / "config.json").read_text())["layout"]["tp"] == 2
-    assert_same(out, references[name, 1], f"{name} T=2")
+    assert_same(out, references[name, 1], f"{name} T=2" + (" sequence-parallel" if sp else ""))
 
 
 @pytest.mark.slow
@@ -88,11 +89,12 @@ def test_tensor_x_data_parallel_on_two_virtual_nodes(tdata, references, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["learned", "llama"])
-def test_tensor_x_pipeline_parallel(tdata, references, tmp_path, name):
+@pytest.mark.parametrize("name,sp,schedule", [("learned", False, "1f1b"), ("llama", False, "zbh1"),
+                                              ("llama", True, "1f1b")])
+def test_tensor_x_pipeline_parallel(tdata, references, tmp_path, name, sp, schedule):
     out, _ = tp_run(tmp_path, tdata, name, 4, "--tensor-parallel", "2", "--pipeline-stages", "2",
-                    "--microbatches", "2", "--schedule", "1f1b")
-    assert_same(out, references[name, 2], f"{name} T=2 x P=2")
+                    "--microbatches", "2", "--schedule", schedule, *(["--sequence-parallel"] if sp else []))
+    assert_same(out, references[name, 2], f"{name} T=2 x P=2 {schedule}" + (" sequence-parallel" if sp else ""))
 
 
 @pytest.mark.slow
@@ -128,8 +130,16 @@ def test_two_allreduces_forward_and_two_backward_per_block_and_vocab_parallel_lo
     got = json.loads((tmp_path / "counts-0.json").read_text())
     L = got["n_layer"]
     # blocks: 2 + 2; embedding: 1 forward; head: the loss's 2 forward (max; target logit with
-    # sum of exponentials), the final norm's f 1 backward
-    assert got["fwd"] == 2 * L + 1 + 2 and got["bwd"] == 2 * L + 1
+    # sum of exponentials), the final norm's f 1 backward; nothing else
+    assert got["calls"] == {"fwd": 2 * L + 1 + 2, "bwd": 2 * L + 1}
+    # sequence parallel: per block 2 all-gathers + 2 reduce-scatters each way; the embedding's
+    # reduce-scatter, the head's all-gather (and their backward duals); the loss's 2 all-reduces
+    sp = got["sp_calls"]
+    assert sp == {"fwd_allgather": 2 * L + 1, "fwd_reduce_scatter": 2 * L + 1, "fwd": 2,
+                  "bwd_allgather": 2 * L + 1, "bwd_reduce_scatter": 2 * L + 1}
+    assert got["sp_loss_diff"] < 1e-6 and got["tp_loss_diff"] < 1e-6
+    # gathered gradients equal the whole model's (also the sequence-parallel shares, summed)
+    assert got["tp_grad_diff"] < 1e-6 and got["sp_grad_diff"] < 1e-6
     assert got["loss_diff"] < 1e-6 and got["grad_diff"] < 1e-6
     # what the loss keeps per rank: its 1/T slice of the logits (fp32 softmax) plus O(tokens)
     assert got["loss_peak_bytes"] <= got["full_logits_bytes"] / 2 + 16 * 512

@@ -40,6 +40,9 @@ class PipelineStage(torch.nn.Module):
         #: it when linear layers defer their weight gradients: the tied head is an
         #: ``F.linear`` call, not a module it can route)
         self.head_context = None
+        #: what a stage does to the hidden state it receives and to the one it sends
+        #: (sequence parallelism chunks and gathers the sequence; identities otherwise)
+        self.input_fn = self.output_fn = None
         # built on the meta device then materialised: GPT.__init__ would otherwise draw a
         # throw-away initialisation on the CPU first
         with torch.device("meta"):
@@ -69,10 +72,12 @@ class PipelineStage(torch.nn.Module):
         g = self.gpt
         if self.first:
             x = g.embed(x)
+        elif self.input_fn is not None:
+            x = self.input_fn(x)
         for blk in g.block_list():
             x = blk(x)
         if not self.last:
-            return x
+            return self.output_fn(x) if self.output_fn is not None else x
         # an untied head is an nn.Linear, which the deferral routes without the mode
         with self.head_context() if (self.head_context and g.lm_head is None) else contextlib.nullcontext():
             logits = g.logits(x)
