@@ -250,6 +250,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         if groups.watchdog is not None:
             groups.watchdog.step = step + 1
         t0 = time.perf_counter()
+        if par.tp_comm is not None:
+            par.tp_comm.seconds = 0.0  # this step's tensor-parallel collectives (blocking: on the critical path)
         lr = schedule.apply(optimizer, step)
         batches = loader.next_batch() if loader is not None else None
         loss = runner.forward_backward(batches, scaler.scale, grad_sync.overlap)
@@ -306,6 +308,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             if scaler.enabled:
                 record["loss_scale"] = scaler.scale
             record["comm_s"] = grad_sync.comm_record()
+            if par.tp_comm is not None:
+                record["comm_s"]["tensor_parallel_s"] = round(par.tp_comm.seconds, 6)
             per_rank = groups.allgather((state_bytes, peak_memory_bytes(device), start_mem),
                                         what="the memory statistics")
             record["model_state_bytes"] = [b for b, _, _ in per_rank]
