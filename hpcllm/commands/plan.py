@@ -48,6 +48,9 @@ def _num(what):
 @click.option("--pipeline-stages", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this many stages.")
 @click.option("--micro-batch", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this micro-batch.")
 @click.option("--recompute/--no-recompute", default=None, help="Only layouts with / without recomputation.")
+@click.option("--tensor-parallel", type=number(int, Range(1)), default=None,
+              help="Only layouts with this tensor-parallel degree (may span nodes when given) "
+                   "[default: search the divisors of --devices-per-node].")
 @click.option("--zero-stage", type=number(int, Range(0, 3)), default=None,
               help="Only layouts with this ZeRO stage (0 replicated .. 3 fully sharded) [default: search all].")
 @click.option("--top", type=number(int, AT_LEAST_1), default=8, show_default=True, help="Layouts to list.")

@@ -1,7 +1,9 @@
 """Parallel layouts that fit the devices, and an estimate of how fast each one steps.
 
-A layout is (P pipeline stages, D data-parallel replicas, micro-batch b, micro-batches per
-step M, recomputation) with P * D = nodes * devices per node and D * b * M = the global batch.
+A layout is (T tensor-parallel ranks, P pipeline stages, D data-parallel replicas, micro-batch
+b, micro-batches per step M, recomputation, ZeRO stage) with T * P * D = nodes * devices per
+node and D * b * M = the global batch. T stays within a node (its collectives sit inside
+every layer) unless the search is told otherwise.
 
 Time of one optimizer step (nothing overlapped, so an upper bound):
 
@@ -11,6 +13,8 @@ Time of one optimizer step (nothing overlapped, so an upper bound):
   ``P - 1`` extra slots are the bubble.
 * pipeline transfers: an activation (b s h, fp32) forward and its gradient backward per
   micro-batch and stage boundary, inside a node when the stages share one.
+* tensor parallelism: compute / T, plus 4 ring all-reduces of the (b, s, h) fp32 activation
+  per layer and micro-batch over the intra-node bandwidth (on the critical path).
 * gradient allreduce: ring allreduce moves ``2 (n-1)/n * bytes`` per device; hierarchical:
   a ring inside each node over the intra-node bandwidth, then a ring across the nodes where
   the node's network carries every stage it hosts.
@@ -61,6 +65,8 @@ class StepTime:
     p2p: float
     allreduce: float
     total: float
+    tensor_parallel: float = 0.0
+    """Of ``compute``: the tensor-parallel all-reduces on the micro-batches' critical path."""
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Layout:
     fits: bool
     stage_layers: list = field(default_factory=list)
     zero_stage: int = 0
+    tensor_parallel: int = 1
 
     @property
     def global_batch(self) -> int:
@@ -118,7 +125,18 @@ def step_time(shape: Shape, setup: Setup, cluster: Cluster, mfu: float) -> StepT
         f = c * shape.block_flops_per_token + (shape.head_flops_per_token if i == P - 1 else 0.0)
         per_token.append(f * (4.0 / 3.0 if setup.recompute else 1.0))
     rate = cluster.process_flops(setup.precision) * mfu
-    t_mb = b * s * max(per_token) / rate
+    T = setup.tensor_parallel
+    t_mb = b * s * max(per_token) / rate / T
+    if T > 1:
+        # 2 all-reduces forward and 2 backward per layer of the (b, s, h) activation (fp32 on
+        # the wire; sequence parallelism moves the same bytes as all-gathers/reduce-scatters),
+        # inside the node: on the critical path of every micro-batch
+        g = cluster.devices_per_node
+        bw = cluster.device.intra_node_bandwidth if T <= g else cluster.device.inter_node_bandwidth
+        tp_mb = 4 * max(counts) * ring_allreduce_time(b * s * shape.d_model * 4, T, bw)
+        t_mb += tp_mb
+    else:
+        tp_mb = 0.0
     compute = M * t_mb
     # 1F1B/GPipe idle (P - 1) forward+backward times; ZB-H1 fills two thirds of that with
     # deferred weight-gradient passes (bubble (P - 1)(F + B - W), F = B = W)
@@ -132,13 +150,13 @@ def step_time(shape: Shape, setup: Setup, cluster: Cluster, mfu: float) -> StepT
     # the largest stage's fp32 gradients
     n_stage = max(c * shape.block_params + (shape.embed_params if i == 0 else 0)
                   + (shape.head_params if i == P - 1 else 0) for i, c in enumerate(counts))
-    ar = allreduce_time(4.0 * n_stage, cluster, P, setup.data_parallel)
+    ar = allreduce_time(4.0 * n_stage / T, cluster, P * T, setup.data_parallel)
     if setup.zero_stage >= 3:
         # reduce-scatter + all-gather move an allreduce's bytes; stage 3 gathers once more
         # (forward and backward), half an allreduce again
         ar *= 1.5
     return StepTime(compute=compute, bubble=bubble, p2p=p2p, allreduce=ar,
-                    total=compute + bubble + p2p + ar)
+                    total=compute + bubble + p2p + ar, tensor_parallel=M * tp_mb)
 
 
 def _divisors(n: int) -> list[int]:
@@ -156,27 +174,33 @@ def evaluate(shape: Shape, setup: Setup, cluster: Cluster, mfu: float | None = N
                   micro_batch=setup.micro_batch, microbatches=setup.microbatches, recompute=setup.recompute,
                   schedule=setup.schedule, memory=mem, time=t, tokens_per_s=tokens / t.total, mfu=achieved,
                   fits=mem.total <= cluster.capacity(),
-                  stage_layers=stage_layers(shape, setup.pipeline_stages), zero_stage=setup.zero_stage)
+                  stage_layers=stage_layers(shape, setup.pipeline_stages), zero_stage=setup.zero_stage,
+                  tensor_parallel=setup.tensor_parallel)
 
 
 def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "bf16",
            optimizer: str = "adamw", schedule: str = "1f1b", mfu: float | None = None,
            max_micro_batch: int = 64, recompute: tuple[bool, ...] = (False, True),
-           fusion_bytes: int | None = None, zero: tuple[int, ...] = (0, 1, 2, 3)) -> list[Layout]:
-    """Every layout for the cluster and global batch, fastest fitting ones first."""
+           fusion_bytes: int | None = None, zero: tuple[int, ...] = (0, 1, 2, 3),
+           tensor_parallel: tuple[int, ...] | None = None, tp_across_nodes: bool = False) -> list[Layout]:
+    """Every layout for the cluster and global batch, fastest fitting ones first.
+    ``tensor_parallel``: the degrees T to try [default: every divisor of the devices per node
+    the model's heads, MLP and vocabulary divide; across nodes only with ``tp_across_nodes``]."""
     if cluster.nodes < 1 or cluster.devices_per_node < 1:
         raise HpcllmError("--nodes and --devices-per-node must be >= 1")
     if global_batch < 1:
         raise HpcllmError(f"--global-batch must be >= 1, got {global_batch}")
     world = cluster.world
+    g = cluster.devices_per_node
+    if tensor_parallel is None:
+        tensor_parallel = tuple(t for t in _divisors(world if tp_across_nodes else g) if shape.tp_fits(t))
     out = []
-    for P in _divisors(world):
+    for T, P in [(t, p) for t in tensor_parallel if world % t == 0 for p in _divisors(world // t)]:
         if P > shape.n_layer:
             continue
-        g = cluster.devices_per_node
-        if P > 1 and g % P and P % g:
+        if P > 1 and g % (P * T) and (P * T) % g:
             continue  # a pipeline would straddle nodes (launch/slurm.check_pipeline_layout refuses it)
-        D = world // P
+        D = world // (P * T)
         if global_batch % D:
             continue
         per_replica = global_batch // D
@@ -189,17 +213,18 @@ def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "
                     continue  # hpcllm's trainer recomputes activations in pipeline mode only
                 kw = {} if fusion_bytes is None else {"fusion_bytes": fusion_bytes}
                 for z in zero:
-                    if z and (D == 1 or (z == 3 and P > 1)):
+                    if z and (D == 1 or (z == 3 and P > 1) or T > 1):
                         continue  # nothing to shard / refused by the trainer
                     setup = Setup(micro_batch=b, precision=precision, optimizer=optimizer, pipeline_stages=P,
                                   data_parallel=D, microbatches=M, recompute=rc, schedule=schedule,
-                                  zero_stage=z, **kw)
+                                  zero_stage=z, tensor_parallel=T, **kw)
                     out.append(evaluate(shape, setup, cluster, mfu))
     if not out:
         raise HpcllmError(f"no layout: global batch {global_batch} is not divisible by any data-parallel "
                           f"size of {world} devices with <= {shape.n_layer} pipeline stages")
     # fitting layouts first, fastest first; among equals fewer stages, no recomputation;
     # then the ones that do not fit, smallest first (how far off they are)
-    out.sort(key=lambda L: (0, -L.tokens_per_s, L.pipeline_stages, L.recompute, L.zero_stage, -L.micro_batch)
-             if L.fits else (1, L.memory.total, 0, 0, 0, 0))
+    out.sort(key=lambda L: (0, -L.tokens_per_s, L.tensor_parallel, L.pipeline_stages, L.recompute, L.zero_stage,
+                            -L.micro_batch)
+             if L.fits else (1, L.memory.total, 0, 0, 0, 0, 0))
     return out

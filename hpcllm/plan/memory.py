@@ -90,6 +90,17 @@ class Shape:
     name: str = "custom"
     tied: bool = True
     """The head is the embedding matrix (one copy in a one-stage model)."""
+    block_replicated_params: int = 0
+    """Of a block's parameters, those tensor parallelism does not split (norms, row-parallel biases)."""
+    position_params: int = 0
+    """Learned position embeddings (replicated under tensor parallelism)."""
+    kv_heads: int = 0
+    hidden: int = 0
+    """MLP hidden size (tensor parallelism needs it, the heads and the vocabulary divisible by T)."""
+
+    def tp_fits(self, tp: int) -> bool:
+        return tp == 1 or not (self.n_head % tp or (self.kv_heads or self.n_head) % tp
+                               or (self.hidden or 4 * self.d_model) % tp or self.vocab % tp)
 
     @classmethod
     def from_config(cls, cfg) -> "Shape":
@@ -107,7 +118,10 @@ class Shape:
                    vocab=cfg.padded_vocab, params=total, block_params=block, embed_params=embed,
                    head_params=head, flops_per_token=fpt,
                    block_flops_per_token=(fpt - head_f) / cfg.n_layer, head_flops_per_token=head_f,
-                   name=getattr(cfg, "name", "custom"), tied=tied)
+                   name=getattr(cfg, "name", "custom"), tied=tied,
+                   block_replicated_params=2 * cfg.norm_params + (2 * cfg.d_model if cfg.bias else 0),
+                   position_params=cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0,
+                   kv_heads=cfg.n_kv_head, hidden=cfg.hidden_dim)
 
 
 @dataclass(frozen=True)
@@ -130,6 +144,8 @@ class Setup:
     fusion_bytes: int = DEFAULT_FUSION_BYTES
     zero_stage: int = 0
     """ZeRO stage over the data-parallel ranks (0: replicated)."""
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
 
     def check(self, shape: Shape) -> None:
         if self.precision not in PRECISIONS:
@@ -141,6 +157,11 @@ class Setup:
         for name in ("micro_batch", "pipeline_stages", "data_parallel", "microbatches"):
             if getattr(self, name) < 1:
                 raise HpcllmError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.tensor_parallel < 1:
+            raise HpcllmError("--tensor-parallel must be >= 1")
+        if not shape.tp_fits(self.tensor_parallel):
+            raise HpcllmError(f"--tensor-parallel {self.tensor_parallel}: the heads, MLP width or vocabulary "
+                              f"of {shape.name} are not divisible by it")
         if self.zero_stage not in ZERO_STAGES:
             raise HpcllmError(f"--zero-stage {self.zero_stage}: choose 0, 1, 2 or 3")
         if self.zero_stage == 3 and self.pipeline_stages > 1:
@@ -216,13 +237,19 @@ def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
     e_res, e_mm = bytes_per_element(setup.precision)
     s, b, h, a = shape.seq_len, setup.micro_batch, shape.d_model, shape.n_head
     sbh = s * b * h
+    T = setup.tensor_parallel
+    sp = T if setup.sequence_parallel else 1  # what the sequence-chunked regions divide by
     if setup.recompute:
-        return sbh * e_res  # only the layer input; the rest is rebuilt in the backward pass
-    n = sbh * (2 * e_res + 14 * e_mm) + 2 * 2 * 4 * s * b  # + fp32 mean and rstd of both LayerNorms
+        return sbh * e_res // sp  # only the layer input; the rest is rebuilt in the backward pass
+    # residual-stream inputs of the two norms and their fp32 mean/rstd (chunked with sequence
+    # parallelism); the two column-parallel inputs (whole on every tensor-parallel rank: the
+    # all-gathered copy is what the matmul keeps); the 12 sbh of q/k/v, the attention output,
+    # and the 4h-wide MLP tensors, split over the heads / hidden columns
+    n = (sbh * 2 * e_res + 2 * 2 * 4 * s * b) // sp + sbh * 2 * e_mm + sbh * 12 * e_mm // T
     if setup.flash_attention is not False:
-        n += 4 * a * s * b  # fp32 log-sum-exp per query row
+        n += 4 * a * s * b // T  # fp32 log-sum-exp per query row
     else:
-        n += e_mm * a * s * s * b  # the softmax output (the probabilities the values see)
+        n += e_mm * a * s * s * b // T  # the softmax output (the probabilities the values see)
     return n
 
 
@@ -242,7 +269,7 @@ def head_activation_bytes(shape: Shape, setup: Setup) -> int:
     """Final LayerNorm input, head input and the fp32 log-probabilities of the loss."""
     e_res, e_mm = bytes_per_element(setup.precision)
     sb = shape.seq_len * setup.micro_batch
-    return sb * shape.d_model * (e_res + e_mm) + sb * shape.vocab * 4 + 2 * 4 * sb
+    return sb * shape.d_model * (e_res + e_mm) + sb * shape.vocab * 4 // setup.tensor_parallel + 2 * 4 * sb
 
 
 def embed_activation_bytes(shape: Shape, setup: Setup) -> int:
@@ -258,10 +285,10 @@ def backward_temporaries(shape: Shape, setup: Setup, has_head: bool) -> int:
     """
     e_res, e_mm = bytes_per_element(setup.precision)
     sb = shape.seq_len * setup.micro_batch
-    layer = sb * 4 * shape.d_model * (e_mm + e_mm) + sb * shape.d_model * 2 * e_res
+    layer = sb * 4 * shape.d_model * (e_mm + e_mm) // setup.tensor_parallel + sb * shape.d_model * 2 * e_res
     if setup.recompute:
         layer += full_layer_activation_bytes(shape, setup)
-    head = sb * shape.vocab * (4 + 4 + (e_mm if e_mm != 4 else 0)) if has_head else 0
+    head = sb * shape.vocab * (4 + 4 + (e_mm if e_mm != 4 else 0)) // setup.tensor_parallel if has_head else 0
     return max(layer, head)
 
 
@@ -293,6 +320,11 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
     n = layers * shape.block_params + (shape.embed_params if first else 0) + (shape.head_params if last else 0)
     if first and last and shape.tied:
         n -= shape.vocab * shape.d_model  # one model: the head is tied to the embedding
+    T = setup.tensor_parallel
+    if T > 1:  # this rank's share: the split matrices / T, norms, row biases and positions whole
+        whole = layers * shape.block_replicated_params + (shape.position_params if first else 0) \
+            + (shape.head_params - shape.vocab * shape.d_model if last else 0)
+        n = (n - whole) // T + whole
     Z, D = setup.zero_stage, setup.data_parallel
     shard = D if Z else 1
     weights = 4 * n // shard if Z >= 3 else 4 * n
@@ -315,7 +347,7 @@ def stage_memory(shape: Shape, setup: Setup, device: DeviceProfile, stage: int,
         zero_buffers += 4 * shape.block_params  # one unit's all-gather output before it is copied in
     # autocast casts every matmul weight (blocks' linears and the head) to 16 bits once per
     # forward and keeps the copies for the backward pass
-    mm_params = layers * shape.block_params + (shape.vocab * shape.d_model if last else 0)
+    mm_params = (layers * shape.block_params + (shape.vocab * shape.d_model if last else 0)) // setup.tensor_parallel
     copies = 0 if setup.precision == "fp32" else 2 * mm_params
     per_mb = layers * layer_activation_bytes(shape, setup)
     if first:

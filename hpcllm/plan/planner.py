@@ -54,6 +54,8 @@ class PlanRequest:
     recompute: bool | None = None
     zero_stage: int | None = None
     """Only layouts with this ZeRO stage [default: search 0-3]."""
+    tensor_parallel: int | None = None
+    """Only layouts with this tensor-parallel degree [default: search the divisors of the devices per node]."""
     top: int = 8
     slurm_profile: str | None = None
     """Cluster profile for --emit-slurm [default: "default" for GPUs, "cpu" for CPUs]."""
@@ -122,6 +124,8 @@ def slurm_train_args(layout: Layout, cluster: Cluster, model: str, seq_len: int,
              "--micro-batch", str(layout.micro_batch), "--accum", str(layout.microbatches)]
     if layout.zero_stage:
         args += ["--zero-stage", str(layout.zero_stage)]
+    if getattr(layout, "tensor_parallel", 1) > 1:
+        args += ["--tensor-parallel", str(layout.tensor_parallel)]
     if layout.pipeline_stages > 1:
         args += ["--pipeline-stages", str(layout.pipeline_stages), "--schedule", layout.schedule]
         if layout.recompute:
@@ -205,7 +209,9 @@ def make_plan(req: PlanRequest) -> dict:
     rc = (False, True) if req.recompute is None else (req.recompute,)
     layouts = search(shape, cluster, gb, precision=req.precision, optimizer=req.optimizer,
                      schedule=req.schedule, mfu=mfu, recompute=rc,
-                     zero=(0, 1, 2, 3) if req.zero_stage is None else (req.zero_stage,))
+                     zero=(0, 1, 2, 3) if req.zero_stage is None else (req.zero_stage,),
+                     tensor_parallel=None if req.tensor_parallel is None else (req.tensor_parallel,),
+                     tp_across_nodes=req.tensor_parallel is not None)
     if req.pipeline_stages is not None:
         layouts = [L for L in layouts if L.pipeline_stages == req.pipeline_stages]
     if req.micro_batch is not None:

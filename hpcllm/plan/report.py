@@ -47,10 +47,12 @@ def layout_rows(layouts: list[dict]) -> list[list]:
     rows = []
     for L in layouts:
         m, t = L["memory"], L["time"]
-        rows.append([L["pipeline_stages"], L["data_parallel"], L.get("zero_stage", 0), L["micro_batch"], L["microbatches"],
+        rows.append([L.get("tensor_parallel", 1), L["pipeline_stages"], L["data_parallel"], L.get("zero_stage", 0),
+                     L["micro_batch"], L["microbatches"],
                      "yes" if L["recompute"] else "no", gib(m["total"]), "yes" if L["fits"] else "NO",
                      seconds(t["total"]), f"{100 * t['bubble'] / t['total']:.0f}%",
-                     seconds(t["allreduce"]), si(L["tokens_per_s"]), f"{100 * L['mfu']:.0f}%"])
+                     seconds(t["allreduce"]), seconds(t.get("tensor_parallel", 0.0)), si(L["tokens_per_s"]),
+                     f"{100 * L['mfu']:.0f}%"])
     return rows
 
 
@@ -87,8 +89,9 @@ def format_plan(p: dict) -> str:
                f"({gib(dev['capacity_bytes'])} each), {p['precision']}, global batch {p['global_batch']} sequences "
                f"({si(p['global_batch_tokens'])} tokens), MFU {100 * p['mfu']:.0f}%: "
                f"{p['layouts_fitting']} of {p['layouts_considered']} fit")
-    out.append(table(["P", "D", "ZeRO", "micro", "accum", "recomp", "memory", "fits", "step", "bubble", "dp comm",
-                      "tokens/s", "MFU"], layout_rows(p["layouts"]), "r" * 5 + "l" + "r" + "l" + "r" * 5))
+    out.append(table(["T", "P", "D", "ZeRO", "micro", "accum", "recomp", "memory", "fits", "step", "bubble",
+                      "dp comm", "tp comm", "tokens/s", "MFU"], layout_rows(p["layouts"]),
+                     "r" * 6 + "l" + "r" + "l" + "r" * 6))
     best = p["recommended"]
     out.append("")
     if best is None:
@@ -98,7 +101,9 @@ def format_plan(p: dict) -> str:
         return "\n".join(out)
     m = best["memory"]
     zs = best.get("zero_stage", 0)
-    out.append(f"recommended: P={best['pipeline_stages']} D={best['data_parallel']}{f' ZeRO-{zs}' if zs else ''} "
+    tp = best.get("tensor_parallel", 1)
+    out.append(f"recommended: {f'T={tp} ' if tp > 1 else ''}P={best['pipeline_stages']} D={best['data_parallel']}"
+               f"{f' ZeRO-{zs}' if zs else ''} "
                f"micro-batch {best['micro_batch']} "
                f"x {best['microbatches']}{' with recomputation' if best['recompute'] else ''}: "
                f"{seconds(best['time']['total'])}/step, {si(best['tokens_per_s'])} tokens/s, "

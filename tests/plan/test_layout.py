@@ -1,3 +1,4 @@
+import torch
 """Layout search: communication and bubble terms, constraints, the recommendation."""
 import pytest
 
@@ -53,9 +54,12 @@ def test_search_respects_batch_and_node_boundaries_and_recommends_the_fastest_fi
     layouts = search(SHAPE, cl, global_batch=64)
     assert layouts
     for L in layouts:
-        assert L.pipeline_stages * L.data_parallel == 8
+        assert L.tensor_parallel * L.pipeline_stages * L.data_parallel == 8
         assert L.global_batch == 64
-        assert 4 % L.pipeline_stages == 0 or L.pipeline_stages % 4 == 0
+        part = L.tensor_parallel * L.pipeline_stages
+        assert 4 % part == 0 or part % 4 == 0
+        assert 4 % L.tensor_parallel == 0  # within a node
+    assert {L.tensor_parallel for L in layouts} == {1, 2, 4}
     fits = [L for L in layouts if L.fits]
     assert fits and layouts[0] is fits[0]
     assert layouts[0].tokens_per_s == max(L.tokens_per_s for L in fits)
@@ -65,13 +69,16 @@ def test_search_respects_batch_and_node_boundaries_and_recommends_the_fastest_fi
 def test_a_model_too_big_for_one_device_needs_pipeline_stages_or_zero():
     big = Shape.from_config(PRESETS["6.7B"])  # ~120 GB of fp32 weights, gradients and AdamW
     cl = Cluster(nodes=1, devices_per_node=8, device=get_profile("a100-80gb"))
-    replicated = search(big, cl, global_batch=64, zero=(0,))
+    replicated = search(big, cl, global_batch=64, zero=(0,), tensor_parallel=(1,))
     assert not any(L.fits for L in replicated if L.pipeline_stages == 1)
     assert replicated[0].fits and replicated[0].pipeline_stages >= 2
     # sharding the model state over the 8 replicas fits it without stages
     layouts = search(big, cl, global_batch=64)
-    assert not any(L.fits for L in layouts if L.pipeline_stages == 1 and L.zero_stage == 0)
-    assert any(L.fits for L in layouts if L.pipeline_stages == 1 and L.zero_stage == 3)
+    flat = [L for L in layouts if L.pipeline_stages == 1]
+    assert not any(L.fits for L in flat if L.zero_stage == 0 and L.tensor_parallel == 1)
+    assert any(L.fits for L in flat if L.zero_stage == 3)
+    # ... and so does splitting each layer over tensor-parallel ranks
+    assert any(L.fits for L in flat if L.tensor_parallel > 1)
 
 
 def test_zero_model_state_formula_per_stage():
@@ -83,3 +90,26 @@ def test_zero_model_state_formula_per_stage():
     assert model_state_bytes(n, 2, 4) == (4 + 12 / 4) * n
     assert model_state_bytes(n, 3, 4) == 16 / 4 * n
     assert model_state_bytes(n, 3, 1) == 16 * n  # one rank: nothing to shard
+
+
+def test_tensor_parallelism_divides_model_state_and_activations():
+    """T=2 holds half the split matrices (norms, row biases and positions whole) and half the
+    heads' and MLP's activations; its step adds the 4 all-reduces per layer."""
+    from hpcllm.model.gpt import GPT
+
+    cfg = PRESETS["1.3B"]
+    shape = Shape.from_config(cfg)
+    cl = Cluster(nodes=1, devices_per_node=8, device=get_profile("a100-80gb"))
+    one = evaluate(shape, Setup(micro_batch=4, microbatches=2), cl)
+    two = evaluate(shape, Setup(micro_batch=4, microbatches=2, tensor_parallel=2), cl)
+    with torch.device("meta"):
+        m = GPT(cfg, init_seed=None)
+    whole = sum(p.numel() for n, p in m.named_parameters() if ".ln" in n or n.startswith("ln_")
+                or n.endswith("proj.bias") or n == "wpe.weight")
+    n = shape.params
+    assert two.memory.model_state == pytest.approx(16 * ((n - whole) / 2 + whole), rel=1e-6)
+    assert two.memory.model_state < 0.55 * one.memory.model_state
+    assert two.memory.activations < 0.75 * one.memory.activations
+    assert two.time.tensor_parallel > 0 == one.time.tensor_parallel
+    sp = evaluate(shape, Setup(micro_batch=4, microbatches=2, tensor_parallel=2, sequence_parallel=True), cl)
+    assert sp.memory.activations < two.memory.activations
