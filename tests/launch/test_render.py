@@ -117,9 +117,11 @@ def test_every_train_option_passes_through_unchanged(dataset):
         args += [spec.flag] if spec.type is bool else [spec.flag, str(value)]
     # a layout every option applies to: stages (for --schedule/--microbatches/--balance),
     # --accum equal to --microbatches, and no --compile with the zbh1 schedule
+    # (and no tensor parallelism: ZeRO does not combine with it yet; its flags are checked below)
     args += ["--pipeline-stages", "2", "--accum", str(given["microbatches"]), "--no-compile", "--steps", "5",
-             "--timeline", "/tmp/tl x.json"]
-    given.update(pipeline_stages=2, accum=given["microbatches"], compile=False, steps=5, timeline="/tmp/tl x.json")
+             "--timeline", "/tmp/tl x.json", "--tensor-parallel", "1", "--no-sequence-parallel"]
+    given.update(pipeline_stages=2, accum=given["microbatches"], compile=False, steps=5, timeline="/tmp/tl x.json",
+                 tensor_parallel=1, sequence_parallel=False)
     text = render_train(job(dataset, *args, sbatch=SbatchOptions(ntasks_per_node=2)), load_profile("default"))
 
     @click.command()
@@ -136,6 +138,10 @@ def test_every_train_option_passes_through_unchanged(dataset):
     assert "export HOROVOD_HIERARCHICAL_ALLREDUCE=1" in text
     assert "export HOROVOD_HIERARCHICAL_ALLGATHER=1" in text  # ZeRO's parameter all-gathers follow
     assert parsed["zero_stage"] == 1  # --zero-stage passes through (1: it composes with the stages)
+    tp = render_train(job(dataset, "--tensor-parallel", "2", "--sequence-parallel", "--pipeline-stages", "2",
+                          sbatch=SbatchOptions(ntasks_per_node=4)), load_profile("default"))
+    tp_parsed = probe.make_context("train", train_command(tp)).params
+    assert tp_parsed["tensor_parallel"] == 2 and tp_parsed["sequence_parallel"] is True
     assert "export HOROVOD_FUSION_THRESHOLD=33554432" in text  # 32 MiB (half the default)
 
 
