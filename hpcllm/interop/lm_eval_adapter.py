@@ -187,4 +187,4 @@ def run_tasks(source, tasks: list[str], include_path=None, device: str = "cpu", 
                           "add a directory of task YAML files with --include-path)")
     lm = HpcllmLM(pretrained=source, device=device, batch_size=batch_size, loaded=loaded)
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                           log_samples=log_samples, bootstrap_iters=0)
+                           log_samples=log_samples, bootstrap_iters=0, verbosity="ERROR")

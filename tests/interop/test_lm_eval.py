@@ -84,3 +84,25 @@ def test_generate_until_and_rolling_windows(tmp_path):
             tgt = torch.tensor(window[-n:])
             total += float(logp[-n:].gather(1, tgt[:, None]).sum())
     assert ll == pytest.approx(total, rel=1e-5)
+
+
+def test_eval_cli_runs_the_shipped_tasks_offline(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.conftest import REPO
+
+    _export_file(SHAPES["gpt2"], tmp_path / "m.pt")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HF_HUB_OFFLINE", None)  # the command sets it itself
+    r = subprocess.run([sys.executable, "-m", "hpcllm", "eval", str(tmp_path / "m.pt"), "--tasks",
+                        "hpcllm_mc,hpcllm_ppl", "--limit", "4", "--json"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert 0 <= out["hpcllm_mc"]["acc,none"] <= 1 and out["hpcllm_ppl"]["bits_per_byte,none"] > 0
+    r = subprocess.run([sys.executable, "-m", "hpcllm", "eval", str(tmp_path / "m.pt"), "--tasks", "nope"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "unknown task nope" in r.stderr and "Traceback" not in r.stderr
