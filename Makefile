@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HPCLLM := $(VENV)/bin/hpcllm
 PYTEST_ARGS ?=
 
-.PHONY: all install demo test bench clean distclean help
+.PHONY: all install demo test bench clean distclean help gpu-check
 
 all: help
 
@@ -17,6 +17,7 @@ help:
 	@echo "make data      prepare the built-in corpus (or CORPUS='glob' TOKENIZER=path OUT=dir)"
 	@echo "make tokenizer train a BPE tokenizer on the built-in corpus (or CORPUS=...)"
 	@echo "make bench     run every benchmark in benchmarks/ (tables + benchmarks/results/*.json)"
+	@echo "make gpu-check on a CUDA machine: cuda tests, train/generate measured -> benchmarks/results (GPU_CHECK_ARGS=--quick)"
 	@echo "make clean     remove generated data, runs and caches (keeps .venv); distclean also .venv"
 
 install:
@@ -30,6 +31,12 @@ demo: install
 
 bench: install
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b; done
+
+# No install first: the GPU machine has its own torch and no network (scripts/gpu_check.py)
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@$(GPU_PY) scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data/ runs/ build/ dist/ *.egg-info .pytest_cache benchmarks/results/*.tmp
