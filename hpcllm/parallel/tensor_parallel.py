@@ -50,6 +50,7 @@ class TPComm:
         self.calls: collections.Counter = collections.Counter()
         self.seconds = 0.0
 
+    @torch.compiler.disable  # an MPI call: a graph break by design (--compile compiles around it)
     def allreduce_(self, t: torch.Tensor, op: str = "sum", where: str = "fwd") -> torch.Tensor:
         """Reduce ``t`` in place across the group (``op`` sum or max); returns ``t``."""
         self.calls[where] += 1
@@ -82,6 +83,7 @@ class TPComm:
             w = w.float()
         return w.contiguous()
 
+    @torch.compiler.disable  # an MPI call: a graph break by design (--compile compiles around it)
     def gather_seq(self, t: torch.Tensor, where: str = "fwd") -> torch.Tensor:
         """(B, t, ...) shards -> (B, T*t, ...) in rank order: sequence parallelism's all-gather."""
         self.calls[where + "_allgather"] += 1
@@ -97,6 +99,7 @@ class TPComm:
         self.seconds += time.perf_counter() - start
         return out.to(device=t.device, dtype=t.dtype)
 
+    @torch.compiler.disable  # an MPI call: a graph break by design (--compile compiles around it)
     def reduce_scatter_seq(self, t: torch.Tensor, where: str = "fwd") -> torch.Tensor:
         """(B, T, ...) partial sums -> this rank's (B, T/size, ...) chunk of their sum."""
         self.calls[where + "_reduce_scatter"] += 1
