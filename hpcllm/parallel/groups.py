@@ -186,6 +186,11 @@ def init_groups(pcfg) -> ParallelGroups:
                           "(scripts/install.sh installs it); refusing to train independent copies") from None
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    if size != topo.world_size:
+        # e.g. MPICH's mpiexec starting ranks of an Open MPI build of mpi4py: each would be alone
+        raise HpcllmError(f"launched as {topo.world_size} ranks ({topo.launcher}) but MPI reports a world of {size}: "
+                          "the launcher and the MPI library mpi4py/Horovod were built with differ "
+                          "(use that MPI's mpirun, or srun --mpi=pmix); refusing to train independent copies")
     dims = ParallelDims.for_world(size, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1))
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()

@@ -2,8 +2,9 @@
 
 Read from the environment only (no MPI call), so it works before ``hvd.init()`` and in
 ``hpcllm doctor``. Precedence: Open MPI's ``OMPI_COMM_WORLD_*`` (set by mpirun and by
-``srun --mpi=pmix`` for Open MPI ranks), then Slurm's ``SLURM_*`` step variables, then a
-single process.
+``srun --mpi=pmix`` for Open MPI ranks), then Slurm's ``SLURM_*`` step variables, then the
+PMI variables of MPICH / Intel MPI launchers (``mpiexec``: ``PMI_RANK``, ``PMI_SIZE``,
+``MPI_LOCALRANKID``), then a single process.
 """
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ class Topology:
                        node_id=int(env.get("SLURM_NODEID", "0")), num_nodes=num_nodes,
                        nodelist=nodelist, launcher="srun", job_id=job_id, restart_count=restarts,
                        hostname=host)
+        if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI (Hydra) mpiexec
+            world = int(env["PMI_SIZE"])
+            local_size = int(env.get("MPI_LOCALNRANKS", "1"))
+            rank = int(env["PMI_RANK"])
+            return cls(rank=rank, world_size=world, local_rank=int(env.get("MPI_LOCALRANKID", "0")),
+                       local_size=local_size, node_id=rank // max(local_size, 1),
+                       num_nodes=max(1, -(-world // max(local_size, 1))), nodelist=nodelist, launcher="mpiexec",
+                       hostname=host, job_id=job_id, restart_count=restarts)
         return cls(nodelist=nodelist, job_id=job_id, restart_count=restarts)
 
     def threads_per_rank(self, env=None) -> int:

@@ -370,7 +370,7 @@ def rng_state() -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype("int64")), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CPU run does not start CUDA
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
 
@@ -385,7 +385,8 @@ def set_rng_state(d: dict) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     n = d["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
-    if "cuda" in d and torch.cuda.is_available() and len(d["cuda"]) == torch.cuda.device_count():
+    if ("cuda" in d and torch.cuda.is_available() and torch.cuda.is_initialized()
+            and len(d["cuda"]) == torch.cuda.device_count()):
         torch.cuda.set_rng_state_all(d["cuda"])
 
 

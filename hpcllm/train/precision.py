@@ -160,7 +160,8 @@ def resolve_precision(name: str, device: torch.device, shape: tuple | None = Non
     gives every rank its decision, so ranks never train in different precisions."""
     if name == "auto":
         if device.type == "cuda":
-            ok = torch.cuda.is_bf16_supported()
+            # emulated bf16 (V100, T4) is slower than fp32: native support only
+            ok = torch.cuda.is_bf16_supported(including_emulation=False)
             return ("bf16", "the GPU supports bf16") if ok else ("fp32", "the GPU has no bf16")
         decision = None
         if measure:
@@ -168,7 +169,7 @@ def resolve_precision(name: str, device: torch.device, shape: tuple | None = Non
         return bcast(decision) if bcast is not None else decision
     if name not in DTYPES:
         raise HpcllmError(f"--precision {name}: expected auto, fp32, bf16 or fp16")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise HpcllmError("--precision bf16: this GPU has no bf16 support (use fp16)")
     return name, "as asked"
 

@@ -60,3 +60,26 @@ def test_under_real_mpirun_on_two_virtual_hosts(tmp_path):
         assert r["rank"] == r["mpi_rank"] == i
         assert (r["world"], r["local_size"], r["num_nodes"]) == (4, 2, 2)
         assert r["local_rank"] == i % 2 and r["node_id"] == i // 2
+
+
+def test_mpich_and_intel_mpi_pmi_variables():
+    t = Topology.from_env({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"})
+    assert (t.rank, t.world_size, t.local_rank, t.local_size, t.node_id, t.num_nodes, t.launcher) == \
+        (5, 8, 1, 4, 1, 2, "mpiexec")
+
+
+def test_a_launcher_of_another_mpi_is_one_line_error(tmp_path):
+    """Ranks started by a launcher whose MPI is not mpi4py's would each be alone: refused."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.train.conftest import REPO, build_dataset
+
+    data = build_dataset(tmp_path / "ds", n_docs=50)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALNRANKS": "2"}
+    r = subprocess.run([sys.executable, "-m", "hpcllm", "train", "--data", str(data), "--out", str(tmp_path / "r"),
+                        "--steps", "1", "--threads", "1", "--model", "tiny", "--seq-len", "32"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "launched as 2 ranks (mpiexec) but MPI reports a world of 1" in r.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
