@@ -202,13 +202,12 @@ def weight_bytes(model: nn.Module) -> int:
     embedding and head, fp32 or int8, count once)."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.device.type == "meta":
-            total += t.numel() * t.element_size()
-            continue
-        s = t.untyped_storage()
-        key = (s.data_ptr(), t.device)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += s.nbytes()
+        if t.device.type == "meta":  # shapes only (no storage): one count per tensor object
+            key, n = id(t), t.numel() * t.element_size()
+        else:
+            s = t.untyped_storage()
+            key, n = (s.data_ptr(), t.device), s.nbytes()
+        if key not in seen:
+            seen.add(key)
+            total += n
     return total
