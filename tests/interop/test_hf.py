@@ -285,3 +285,31 @@ def test_preprocess_with_an_hf_tokenizer_then_init_from(tmp_path):
 
     loaded = load_model(tmp_path / "run")
     assert loaded.model_config["arch"] == "llama" and loaded.tokenizer.eod_id == tok.token_to_id("<|end_of_text|>")
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+def test_init_from_loads_alike_in_every_layout(tmp_path, byte_dataset):
+    """The same HF Llama starts a 2-stage pipeline, ZeRO-3 and T=2 runs at transformers' loss
+    on the first batch (each rank reads only its tensors: stage slices, shards, TP rows)."""
+    from hpcllm.data.loader import BatchLoader
+    from hpcllm.train.metrics import read_metrics
+    from tests.cluster.mpi import run_mpi
+    from tests.train.conftest import train_cmd
+
+    hf = _random_hf("llama", tmp_path / "hfmodel")
+    loader = BatchLoader(str(byte_dataset), split="train", seq_len=32, micro_batch=4, accum=1, dp_rank=0, dp_size=1,
+                         seed=3, model_vocab_size=320)
+    x, y = loader.next_batch()[0]
+    with torch.no_grad():
+        logits = hf(x).logits
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item()
+    base = ["--data", str(byte_dataset), "--init-from", str(tmp_path / "hfmodel"), "--steps", "1", "--seq-len", "32",
+            "--threads", "1", "--precision", "fp32", "--log-every", "1", "--eval-every", "0", "--seed", "3"]
+    layouts = {"pp2": ["--micro-batch", "2", "--pipeline-stages", "2", "--microbatches", "2"],
+               "zero3": ["--micro-batch", "2", "--zero-stage", "3"],
+               "tp2": ["--micro-batch", "4", "--tensor-parallel", "2"]}
+    for name, extra in layouts.items():
+        out = tmp_path / name
+        run_mpi(train_cmd(*base, "--out", str(out), *extra), np=2, env={"OMP_NUM_THREADS": "1"}, timeout=240).check()
+        assert abs(read_metrics(out)[0]["loss"] - want) < 1e-5 * max(1.0, want), name
