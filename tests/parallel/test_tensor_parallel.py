@@ -42,6 +42,14 @@ def references(tdata, tmp_path_factory):
     return out
 
 
+def with_flags(args, values: dict) -> list:
+    """``args`` with the values of some of its flags replaced."""
+    out = list(args)
+    for flag, v in values.items():
+        out[out.index(flag) + 1] = v
+    return out
+
+
 def vals(run):
     return [json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in x]
 
@@ -99,15 +107,17 @@ def test_tensor_x_pipeline_parallel(tdata, references, tmp_path, name, sp, sched
 
 @pytest.mark.slow
 def test_resume_across_tensor_parallel_degrees(tdata, references, tmp_path):
-    """T=2 x P=2 to step 5, then T=1 x P=2 to 10 (and T=2 x P=1 from that checkpoint's step 5
-    copy): the uninterrupted run's losses."""
+    """T=2 x P=2 to step 3, T=1 x P=2 to step 6, T=2 x P=2 again to 10: the uninterrupted
+    run's losses (checkpoints hold whole tensors; each degree slices its own)."""
     name, ref = "learned", references["learned", 2]
     pp = ["--pipeline-stages", "2", "--microbatches", "2"]
     out = tmp_path / "resumed"
-    common = ["--data", str(tdata), "--out", str(out), *MODELS[name], *BASE]
-    run_mpi(train_cmd(*common, "--steps", "5", "--decay-steps", str(STEPS), *pp, "--tensor-parallel", "2"),
+    base = with_flags(BASE, {"--ckpt-every": "3"})
+    common = ["--data", str(tdata), "--out", str(out), *MODELS[name], *base]
+    run_mpi(train_cmd(*common, "--steps", "3", *pp, "--tensor-parallel", "2"), np=4, env=ENV, timeout=300).check()
+    run_mpi(train_cmd(*common, "--steps", "6", *pp, "--resume", "auto"), np=2, env=ENV, timeout=300).check()
+    run_mpi(train_cmd(*common, "--steps", str(STEPS), *pp, "--tensor-parallel", "2", "--resume", "auto"),
             np=4, env=ENV, timeout=300).check()
-    run_mpi(train_cmd(*common, "--steps", str(STEPS), *pp, "--resume", "auto"), np=2, env=ENV, timeout=300).check()
     la, lb = losses(out), losses(ref)
     for s in range(1, STEPS + 1):
         assert la[s] == pytest.approx(lb[s], rel=1e-5), (s, la[s], lb[s])
