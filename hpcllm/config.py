@@ -69,6 +69,21 @@ class ModelConfig:
     d_model: Optional[int] = opt(None, "Override the preset's model width.", range=AT_LEAST_1)
     seq_len: Optional[int] = opt(None, "Sequence length in tokens [default: the preset's].", range=AT_LEAST_1)
     pos_emb: Optional[str] = opt(None, "Position encoding [default: learned].", choices=("learned", "rope"))
+    attention: Optional[str] = opt(None, "Attention pattern [default: dense]: dense (causal, every earlier key), "
+                                   "local (causal window of --attention-window keys) or bigbird (window + "
+                                   "--attention-global tokens + --attention-random blocks); local/bigbird run "
+                                   "block-sparse kernels with memory linear in --seq-len.",
+                                   choices=("dense", "local", "bigbird"))
+    attention_window: Optional[int] = opt(None, "local/bigbird: keys per query in the causal local band, itself "
+                                          "included [default: 256].", range=AT_LEAST_1)
+    attention_global: Optional[int] = opt(None, "bigbird: the first G tokens are global (every query sees them, "
+                                          "they see every earlier token) [default: 0].", range=NON_NEGATIVE)
+    attention_random: Optional[int] = opt(None, "bigbird: random earlier key blocks per query block, the same on "
+                                          "every rank and restart (seeded by --attention-seed and the layer) "
+                                          "[default: 0].", range=NON_NEGATIVE)
+    attention_block: Optional[int] = opt(None, "local/bigbird: block size of the sparse kernel and of the random "
+                                         "blocks [default: 64].", range=AT_LEAST_1)
+    attention_seed: Optional[int] = opt(None, "bigbird: seed of the random blocks [default: 0].", range=NON_NEGATIVE)
 
 
 @dataclass
@@ -438,9 +453,6 @@ def validate(cfg: TrainConfig) -> None:
          "would be gathered once per micro-batch); use --zero-stage 1 or 2 with stages")
     need(not (p.sequence_parallel and p.tensor_parallel == 1),
          "--sequence-parallel applies to tensor parallelism only (--tensor-parallel > 1)")
-    if p.tensor_parallel > 1:
-        need(p.zero_stage == 0, f"--zero-stage {p.zero_stage} does not combine with --tensor-parallel "
-             f"{p.tensor_parallel} yet; use --zero-stage 0 with tensor parallelism")
     need(p.stall_shutdown_s >= p.stall_check_s,
          f"--stall-shutdown-s {p.stall_shutdown_s} must be >= --stall-check-s {p.stall_check_s} >= 1")
 
@@ -463,6 +475,8 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
     overrides = {"n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "d_model": mcfg.d_model, "seq_len": mcfg.seq_len,
                  "pos_emb": mcfg.pos_emb, "n_kv_head": getattr(mcfg, "n_kv_head", None),
                  "tie_embeddings": getattr(mcfg, "tie_embeddings", None), "ffn_dim": getattr(mcfg, "ffn_dim", None)}
+    overrides.update({f: getattr(mcfg, f, None) for f in ("attention", "attention_window", "attention_global",
+                                                          "attention_random", "attention_block", "attention_seed")})
     changes.update({k: v for k, v in overrides.items() if v is not None})
     if mcfg.n_head is not None and getattr(mcfg, "n_kv_head", None) is None:
         # the preset's grouping (n_head / n_kv_head) kept for a new head count when it divides
@@ -478,6 +492,11 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
         if "n_kv_head" in msg and "does not divide" in msg:
             msg = (f"--n-kv-head {changes.get('n_kv_head', base.n_kv_head)} does not divide "
                    f"--n-head {changes.get('n_head', base.n_head)}")
+        if msg.startswith("attention"):  # the sparse attention options: name the flags
+            msg = msg.replace("attention_", "--attention-").replace("attention local", "--attention local") \
+                .replace("need attention bigbird", "need --attention bigbird")
+            if msg.startswith("attention must"):
+                msg = "--" + msg
         raise HpcllmError(f"--model {mcfg.model}: {msg}") from None
 
 

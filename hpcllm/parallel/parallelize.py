@@ -109,6 +109,7 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         module = GPT(gpt_cfg, init_seed=seed).to(device)
     gpt = getattr(module, "gpt", module)
     tp_specs, tp_comm = {}, None
+    full_shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
     if groups.dims.tp > 1:
         from hpcllm.parallel.tensor_parallel import TPComm, apply_tensor_parallel
 
@@ -135,8 +136,25 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         from hpcllm.model.gpt import init_parameters
         from hpcllm.parallel.zero import ZeroSync
 
+        if tp_specs:
+            from hpcllm.parallel.tensor_parallel import shard_tensors
+
+            @torch.no_grad()
+            def init_fn(named):
+                # each shard is its slice of the whole parameter drawn by name: every T alike
+                for n, p in named:
+                    if n in tp_specs:
+                        whole = torch.empty(full_shapes[n])
+                        init_parameters([(n, whole)], seed, gpt_cfg.n_layer)
+                        p.copy_(shard_tensors({n: whole}, tp_specs, groups.dims.tp, groups.tp_rank)[n])
+                    else:
+                        init_parameters([(n, p)], seed, gpt_cfg.n_layer)
+        else:
+            def init_fn(named):
+                init_parameters(named, seed, gpt_cfg.n_layer)
         sync = ZeroSync(module, gpt.block_list(), groups, zero, device=device, compression=pcfg.grad_compression,
-                        tied=tied, init_fn=lambda named: init_parameters(named, seed, gpt_cfg.n_layer))
+                        tied=tied, init_fn=init_fn, tp_specs=tp_specs,
+                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1)
     else:
         replicated = {n for n, _ in module.named_parameters() if n not in tp_specs} if tp_specs else set()
         sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied,

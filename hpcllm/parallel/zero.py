@@ -171,10 +171,16 @@ class ZeroSync:
     ``stage``: 1, 2 or 3; ``tied``: the name of the matrix shared with another pipeline stage."""
 
     def __init__(self, module, blocks, groups, stage: int, *, device, init_fn=None, compression: str = "none",
-                 tied: str | None = None):
+                 tied: str | None = None, tp_specs=None, tp_partial: bool = False):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage}")
         self.stage, self.groups, self.device = stage, groups, device
+        #: tensor parallelism: the ShardSpec of each sharded parameter; the others are held
+        #: alike by every tensor-parallel rank (counted 1/T in the norm; tensor-parallel rank 0
+        #: writes them); with sequence parallelism their gradients are per-rank shares (summed)
+        self.tp_specs = dict(tp_specs or {})
+        self.tp_size, self.tp_rank = groups.dims.tp, groups.coords.get("tp", 0)
+        self.tp_partial = tp_partial
         self.n = groups.dims.dp
         self.rank_in_dp = groups.dp_rank
         self.hvd = groups.hvd if self.n > 1 else None
@@ -447,7 +453,31 @@ class ZeroSync:
         if self.tied is not None:
             with self.groups.waiting("the tied-embedding gradient sum"):
                 self._sum_tied()
+        if self.tp_partial:
+            with self.groups.waiting("the sequence-parallel gradient sum"):
+                self._sum_tp_partial()
         self.wait_s = time.perf_counter() - t0
+
+    def _replicated_pieces(self):
+        """(piece tensor, flat) of the parameters every tensor-parallel rank holds alike."""
+        for u in self.units:
+            for f in u.flats:
+                for pname, t in zip(f.piece_names, f.piece_tensors):
+                    if pname.split("[", 1)[0] not in self.tp_specs:
+                        yield t, f
+
+    def _sum_tp_partial(self) -> None:
+        from mpi4py import MPI
+
+        grads = [t.grad for t, _ in self._replicated_pieces() if t.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
+        self.groups.comm["tp"].Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+        o = 0
+        for g in grads:
+            g.copy_(flat[o:o + g.numel()].view_as(g))
+            o += g.numel()
 
     def _sum_tied(self) -> None:
         from mpi4py import MPI
@@ -466,9 +496,18 @@ class ZeroSync:
 
     @torch.no_grad()
     def norm_sq(self) -> float:
-        grads = [f.shard.grad for u in self.units for f in u.flats
-                 if f.shard.grad is not None and not (f.kind == "tied" and self.duplicate)]
-        return squares(grads)
+        keep = [f for u in self.units for f in u.flats if f.shard.grad is not None
+                and not (f.kind == "tied" and self.duplicate)]
+        if not self.tp_specs:
+            return squares([f.shard.grad for f in keep])
+        # tensor parallelism: shards whole, what every tensor-parallel rank holds 1/T each
+        # (the shard's padding has zero gradient, so pieces cover every counted element)
+        whole, rep = [], []
+        for f in keep:
+            for pname, t in zip(f.piece_names, f.piece_tensors):
+                if t.grad is not None:
+                    (whole if pname.split("[", 1)[0] in self.tp_specs else rep).append(t.grad)
+        return squares(whole) + squares(rep) / self.tp_size
 
     def overlap_shares(self) -> tuple[float, float]:
         if not self.started or self.hvd is None:
@@ -529,8 +568,14 @@ class ZeroSync:
                 if f.kind == "tied" and self.duplicate:  # stage 0 of the pipeline writes it
                     continue
                 for t, (name, shape, a, b, sa, sb) in zip(f.piece_tensors, f.pieces()):
+                    spec = self.tp_specs.get(name)
+                    if self.tp_size > 1 and spec is None and self.tp_rank != 0:
+                        continue  # held alike by every tensor-parallel rank: the first writes it
                     st = optimizer.state.get(t, {})
                     rec = {"shape": list(shape), "start": a, "stop": b, "value": t.detach().cpu().clone()}
+                    if spec is not None and self.tp_size > 1:  # a piece of this rank's shard
+                        rec["tp"] = {"rank": self.tp_rank, "size": self.tp_size, "dim": spec.dim,
+                                     "groups": list(spec.groups)}
                     for k in ("exp_avg", "exp_avg_sq"):
                         if k in st:
                             rec[k] = st[k].detach().cpu().clone()

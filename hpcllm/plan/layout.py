@@ -213,7 +213,7 @@ def search(shape: Shape, cluster: Cluster, global_batch: int, precision: str = "
                     continue  # hpcllm's trainer recomputes activations in pipeline mode only
                 kw = {} if fusion_bytes is None else {"fusion_bytes": fusion_bytes}
                 for z in zero:
-                    if z and (D == 1 or (z == 3 and P > 1) or T > 1):
+                    if z and (D == 1 or (z == 3 and P > 1)):
                         continue  # nothing to shard / refused by the trainer
                     setup = Setup(micro_batch=b, precision=precision, optimizer=optimizer, pipeline_stages=P,
                                   data_parallel=D, microbatches=M, recompute=rc, schedule=schedule,

@@ -79,7 +79,7 @@ FORMAT = "hpcllm-checkpoint"
 VERSION = 2
 OPTIM_FORMAT = "hpcllm-named-optim"
 _MODEL_FILE_RE = re.compile(r"^model-(\d{5,})\.pt$")
-_SHARD_FILE_RE = re.compile(r"^zero-(\d{5,})-(\d{5,})\.pt$")
+_SHARD_FILE_RE = re.compile(r"^zero-(\d{5,})-(\d{5,})(?:-t(\d{3,}))?\.pt$")
 SHARD_FORMAT = "hpcllm-zero-shard"
 
 
@@ -91,9 +91,19 @@ def optim_file(owner: int) -> str:
     return f"optim-{owner:05d}.pt"
 
 
-def shard_file(stage: int, dp_rank: int) -> str:
-    """A ZeRO rank's file: its pieces of the parameters of pipeline stage ``stage``."""
-    return f"zero-{stage:05d}-{dp_rank:05d}.pt"
+def shard_file(stage: int, dp_rank: int, tp_rank: int | None = None) -> str:
+    """A ZeRO rank's file: its pieces of the parameters of pipeline stage ``stage`` (with
+    tensor parallelism, of its tensor-parallel rank's shards: ``-tTTT``)."""
+    return f"zero-{stage:05d}-{dp_rank:05d}" + (f"-t{tp_rank:03d}" if tp_rank is not None else "") + ".pt"
+
+
+def _tp_join(shards: list, dim: int, groups: list) -> torch.Tensor:
+    """The whole tensor from its tensor-parallel shards, rank order (rank r holds the r-th
+    piece of each of ``groups``, consecutive sizes along ``dim``; as
+    :class:`hpcllm.parallel.tensor_parallel.ShardSpec` cuts it)."""
+    size = len(shards)
+    pieces = [s.split([n // size for n in groups], dim=dim) for s in shards]
+    return torch.cat([torch.cat([pieces[r][g] for r in range(size)], dim=dim) for g in range(len(groups))], dim=dim)
 
 
 def has_model_files(d: Path) -> bool:
@@ -507,8 +517,29 @@ class CheckpointReader:
         return self._pieces
 
     def _joined(self, name: str, key: str, map_location="cpu") -> torch.Tensor | None:
-        """The whole tensor ``key`` (value, exp_avg, ...) of ``name`` from its ZeRO pieces."""
-        pieces = sorted(self._shard_pieces()[name], key=lambda t: t[0])
+        """The whole tensor ``key`` (value, exp_avg, ...) of ``name`` from its ZeRO pieces
+        (under tensor parallelism: each tensor-parallel rank's shard from its pieces, then
+        the shards joined)."""
+        every = self._shard_pieces()[name]
+        tp = [rec.get("tp") for *_, rec, _ in every]
+        if any(tp):
+            if not all(tp) or len({(t["size"], t["dim"], tuple(t["groups"])) for t in tp}) != 1:
+                raise HpcllmError(f"{self.dir}: the tensor-parallel pieces of {name} disagree on how it is cut")
+            size, dim, groups = tp[0]["size"], tp[0]["dim"], tp[0]["groups"]
+            shards = []
+            for r in range(size):
+                mine = [p for p, t in zip(every, tp) if t["rank"] == r]
+                if not mine:
+                    raise HpcllmError(f"{self.dir}: no pieces of tensor-parallel rank {r}'s shard of {name} "
+                                      "(a shard file is missing)")
+                shards.append(self._joined_flat(name, mine, key, "cpu"))
+            if any(x is None for x in shards):
+                return None
+            return _tp_join(shards, dim, groups).to(map_location)
+        return self._joined_flat(name, every, key, map_location)
+
+    def _joined_flat(self, name: str, pieces: list, key: str, map_location) -> torch.Tensor | None:
+        pieces = sorted(pieces, key=lambda t: t[0])
         shape = pieces[0][2]
         total = 1
         for k in shape:
@@ -536,7 +567,9 @@ class CheckpointReader:
         lay = self.layout()
         P = int(lay.get("pp", 1))
         if lay.get("zero"):
-            want = [shard_file(s, r) for s in range(P) for r in range(int(lay.get("dp", 1)))]
+            T = int(lay.get("tp", 1))
+            want = [shard_file(s, r, t if T > 1 else None) for s in range(P) for r in range(int(lay.get("dp", 1)))
+                    for t in range(T)]
         else:
             want = [model_file(s) for s in range(P)]
         missing = [w for w in want if not (self.dir / w).is_file()]

@@ -107,7 +107,7 @@ def load_init_weights(plan: Plan, par, groups=None) -> None:
     w = plan.init_weights
     try:
         if par.zero_stage:
-            par.grad_sync.load(w)
+            par.grad_sync.load(TPSlicedReader(w, par, groups) if par.tp_specs else w)
         else:
             module = par.module
             module.load_state_dict(local_part(par, groups, w.model_state(module.state_dict().keys())))
@@ -228,7 +228,7 @@ def checkpoint_files(par, optimizer, groups) -> dict:
     the part's model/optimizer pair; ZeRO: every rank writes its own shards (in parallel,
     nothing gathered anywhere)."""
     if par.zero_stage:
-        return {ckpt.shard_file(groups.stage, groups.dp_rank): {
+        return {ckpt.shard_file(groups.stage, groups.dp_rank, groups.tp_rank if groups.dims.tp > 1 else None): {
             "format": ckpt.SHARD_FORMAT, "zero_stage": par.zero_stage, "dp": groups.dims.dp,
             "dp_rank": groups.dp_rank, "pieces": par.grad_sync.shard_pieces(optimizer)}}
     if groups.dp_rank != 0:
@@ -253,6 +253,25 @@ def checkpoint_files(par, optimizer, groups) -> dict:
     return {ckpt.model_file(groups.stage): model, ckpt.optim_file(groups.stage): optim}
 
 
+class TPSlicedReader:
+    """A checkpoint reader whose tensors (and AdamW moments) are this rank's tensor-parallel
+    shards of the whole ones (what ZeroSync.load needs under tensor parallelism)."""
+
+    def __init__(self, reader, par, groups):
+        self.reader, self.par, self.groups, self.dir = reader, par, groups, reader.dir
+
+    def model_state(self, names=None, map_location="cpu") -> dict:
+        return local_part(self.par, self.groups, self.reader.model_state(names, map_location=map_location))
+
+    def optim_state(self, names) -> dict:
+        states = self.reader.optim_state(names)
+        return {n: {k: (local_part(self.par, self.groups, {n: v})[n] if torch.is_tensor(v) and v.dim() > 0 else v)
+                    for k, v in st.items()} for n, st in states.items()}
+
+    def close(self) -> None:
+        self.reader.close()
+
+
 def local_part(par, groups, full: dict) -> dict:
     """This rank's pieces of whole tensors (tensor parallelism slices its shards)."""
     if not getattr(par, "tp_specs", None):
@@ -268,7 +287,7 @@ def restore(plan: Plan, par, optimizer, loader, scaler, groups, device) -> None:
     data), the loss scale and this rank's RNG state."""
     reader, tstate = plan.reader, plan.trainer_state
     if par.zero_stage:
-        states = par.grad_sync.load(reader)
+        states = par.grad_sync.load(TPSlicedReader(reader, par, groups) if par.tp_specs else reader)
         if states:
             ckpt.load_named_optim_state(optimizer, par.grad_sync.optimizer_params(), states, device)
     else:

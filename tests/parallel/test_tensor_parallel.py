@@ -130,8 +130,9 @@ def test_a_model_that_does_not_divide_is_one_line_error(tdata, tmp_path):
     assert r.returncode == 2 and "--tensor-parallel 2: --n-head 3 is not divisible by 2" in r.stderr
     assert "Traceback" not in r.stderr
     r = run_mpi(train_cmd("--data", str(tdata), "--out", str(tmp_path / "y"), "--steps", "1", "--model", "tiny",
-                          "--threads", "1", "--tensor-parallel", "2", "--zero-stage", "1"), np=2, env=ENV, timeout=120)
-    assert r.returncode == 2 and "--zero-stage 1 does not combine with --tensor-parallel 2" in r.stderr
+                          "--threads", "1", "--tensor-parallel", "2", "--sequence-parallel", "--seq-len", "33"),
+                np=2, env=ENV, timeout=120)
+    assert r.returncode == 2 and "--seq-len 33 is not divisible by --tensor-parallel 2" in r.stderr
 
 
 def test_two_allreduces_forward_and_two_backward_per_block_and_vocab_parallel_loss(tdata, tmp_path):
@@ -153,3 +154,25 @@ def test_two_allreduces_forward_and_two_backward_per_block_and_vocab_parallel_lo
     assert got["loss_diff"] < 1e-6 and got["grad_diff"] < 1e-6
     # what the loss keeps per rank: its 1/T slice of the logits (fp32 softmax) plus O(tokens)
     assert got["loss_peak_bytes"] <= got["full_logits_bytes"] / 2 + 16 * 512
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero,sp", [(1, False), (3, True)])
+def test_tensor_parallel_with_zero(tdata, references, tmp_path, zero, sp):
+    """T=2 x D=2 with ZeRO: each rank's tensor-parallel shard sharded again over its
+    data-parallel group; one shard file per rank, joined by name on read."""
+    out, _ = tp_run(tmp_path, tdata, "llama", 4, "--tensor-parallel", "2", "--zero-stage", str(zero),
+                    *(["--sequence-parallel"] if sp else []))
+    files = sorted(f.name for f in (out / "checkpoints" / f"step-{STEPS:08d}").glob("zero-*.pt"))
+    assert files == [f"zero-00000-0000{d}-t00{t}.pt" for d in (0, 1) for t in (0, 1)]
+    assert_same(out, references["llama", 2], f"llama T=2 x D=2 ZeRO-{zero}" + (" SP" if sp else ""), val=False)
+    if zero == 3:  # and the shards continue in one process (T=1, D=1, no ZeRO)
+        cont = tmp_path / "continued"
+        import shutil
+
+        shutil.copytree(out / "checkpoints" / f"step-{5:08d}", cont / "checkpoints" / f"step-{5:08d}")
+        run_train(["--data", str(tdata), "--out", str(cont), "--steps", str(STEPS), "--accum", "2",
+                   *MODELS["llama"], *BASE, "--resume", "auto"], timeout=240)
+        la, lb = losses(cont), losses(references["llama", 2])
+        for s in range(6, STEPS + 1):
+            assert la[s] == pytest.approx(lb[s], rel=1e-5), (s, la[s], lb[s])
