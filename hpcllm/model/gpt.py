@@ -66,6 +66,19 @@ class GPTConfig:
     """GELU form of the gpt2 MLP: 'none' (exact erf, hpcllm's default) or 'tanh' (OpenAI GPT-2's)."""
     vocab_multiple: int = VOCAB_MULTIPLE
     """Embedding rows are padded to a multiple of this (1: exactly vocab_size, as imports keep)."""
+    attention: str = "dense"
+    """'dense' (causal SDPA), 'local' (causal window) or 'bigbird' (window + global + random
+    blocks): see :mod:`hpcllm.model.attention`."""
+    attention_window: int = 256
+    """local/bigbird: keys per query in the causal local band (itself included)."""
+    attention_global: int = 0
+    """bigbird: the first G tokens are global (every query sees them; they see all earlier)."""
+    attention_random: int = 0
+    """bigbird: random earlier key blocks per query block."""
+    attention_block: int = 64
+    """local/bigbird: block size of the sparse kernel and of the random blocks."""
+    attention_seed: int = 0
+    """bigbird: seed of the random blocks (with the layer index and the query block)."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -103,6 +116,16 @@ class GPTConfig:
             raise ValueError(f"pos_emb must be 'learned' or 'rope', not {self.pos_emb!r}")
         if self.pos_emb == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError("rotary positions need an even head dimension")
+        if self.attention not in ("dense", "local", "bigbird"):
+            raise ValueError(f"attention must be dense, local or bigbird, not {self.attention!r}")
+        for f, lo in (("attention_window", 1), ("attention_block", 1), ("attention_global", 0),
+                      ("attention_random", 0), ("attention_seed", 0)):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{f} must be an integer >= {lo}, not {v!r}")
+        if self.attention == "local" and (self.attention_global or self.attention_random):
+            raise ValueError("attention local is the window only: global tokens and random blocks need "
+                             "attention bigbird")
 
     @property
     def head_dim(self) -> int:
@@ -222,17 +245,31 @@ def param_count(cfg: GPTConfig, embeddings: bool = True) -> int:
     return n
 
 
+def attended_keys(cfg: GPTConfig) -> float:
+    """Keys one query attends to on average at seq_len: seq_len for dense attention (the
+    FLOPs convention counts it without the causal half-saving), else the sparse pattern's
+    allowed (query, key) pairs over seq_len (the same for every layer)."""
+    if cfg.attention == "dense":
+        return cfg.seq_len
+    from hpcllm.model.attention import pattern_for
+    return pattern_for(cfg, cfg.seq_len, 0).attended_pairs() / cfg.seq_len
+
+
 def flops_per_token(cfg: GPTConfig) -> int:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM's MFU convention.
 
     Forward: 2 FLOPs per multiply-add for every matmul weight of the blocks, plus the
     output head (d_model x padded vocab), plus attention scores and weighted values
-    (2 x 2 x seq_len x d_model per layer, counted without the causal half-saving).
+    (2 x 2 x seq_len x d_model per layer, counted without the causal half-saving; sparse
+    attention: 2 x 2 x :func:`attended_keys` x d_model, the keys actually allowed).
     Embedding lookups, norms, biases, activations and softmax are not counted.
     """
     d = cfg.d_model
     matmul_weights = cfg.n_layer * _block_matmul_weights(cfg) + d * cfg.padded_vocab
-    attention = cfg.n_layer * 2 * cfg.seq_len * d
+    if cfg.attention == "dense":
+        attention = cfg.n_layer * 2 * cfg.seq_len * d
+    else:
+        attention = round(cfg.n_layer * 2 * attended_keys(cfg) * d)
     return 3 * (2 * matmul_weights + 2 * attention)
 
 
@@ -298,9 +335,12 @@ class CausalSelfAttention(nn.Module):
     """Fused q/k/v projection (rows: the n_head query heads, then the n_kv_head key heads,
     then the value heads), rotary or no positions, output projection."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        #: dense, or the sparse pattern's config and this block's global index (its random blocks' seed)
+        self.sparse = cfg if cfg.attention != "dense" else None
+        self.layer = layer
         self.rope = cfg.pos_emb == "rope"
         self.rotate = apply_rope_half if cfg.arch == "llama" else apply_rope
         self.rope_base = cfg.rope_base
@@ -334,12 +374,26 @@ class CausalSelfAttention(nn.Module):
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if kv is None:
-            y = causal_attention(q, k, v)
+            if self.sparse is None:
+                y = causal_attention(q, k, v)
+            else:
+                from hpcllm.model.attention import pattern_for, sparse_attention
+                y = sparse_attention(q, k, v, pattern_for(self.sparse, T, self.layer))
         else:  # generation: the new positions attend to every cached one and causally among themselves
             keys = torch.arange(start + T, device=x.device)[None, :]
             queries = torch.arange(start, start + T, device=x.device)[:, None]
             # real keys only (a padding query sees itself, so no row is all -inf)
             mask = (keys <= queries) & (kv.cache.valid[:, None, None, :start + T] | (keys == queries))
+            if self.sparse is not None:  # the pattern's element rule over the tokens' positions: exact
+                from hpcllm.model.attention import pattern_for
+                pat = pattern_for(self.sparse, kv.cache.max_len, self.layer)
+                if positions is None:
+                    mask = mask & pat.allowed(queries, keys)
+                else:  # left-padded rows: cache slot - position is each row's padding
+                    shift = queries[-1:] - positions[:, -1:]  # (B, 1): the last token is real
+                    qpos, kpos = positions.clamp(min=0), (keys - shift).clamp(min=0)
+                    rule = pat.allowed(qpos[:, :, None], kpos[:, None, :])  # (B, T, S)
+                    mask = mask & (rule[:, None] | (keys == queries))
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, qd))
 
@@ -399,10 +453,10 @@ def norm(cfg: GPTConfig) -> nn.Module:
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, cfg: GPTConfig):
+    def __init__(self, cfg: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = norm(cfg)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -440,9 +494,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(cfg.padded_vocab, cfg.d_model) if (embed or (head and tied)) else None
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model) if (embed and cfg.pos_emb == "learned") else None
         if whole:
-            self.blocks = nn.ModuleList(Block(cfg) for _ in self.layer_ids)
-        else:
-            self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in self.layer_ids})
+            self.blocks = nn.ModuleList(Block(cfg, i) for i in self.layer_ids)
+        else:  # the global block index: a pipeline slice's blocks draw the whole model's patterns
+            self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in self.layer_ids})
         self.ln_f = norm(cfg) if head else None
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False) if (head and not tied) else None
         #: the loss of logits and targets (tensor parallelism swaps in its vocabulary-parallel one)
