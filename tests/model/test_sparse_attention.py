@@ -238,3 +238,17 @@ def test_generated_tokens_equal_recomputing_path_and_batches(pos_emb):
     sample = SampleConfig(max_new_tokens=12, temperature=0, stop_at_eod=False)
     alone = [generate_ids(m, p, sample, seq_len=SEQ, vocab_size=257) for p in prompts]
     assert generate_batch(m, prompts, sample, seq_len=SEQ, vocab_size=257, batch_size=4) == alone
+
+
+def test_plan_memory_and_time_use_the_pattern():
+    """hpcllm plan: FLOPs per token (its time model) and a layer's activation bytes (the
+    gathered key/value blocks) follow the sparse pattern; dense unchanged."""
+    from hpcllm.plan.memory import Setup, Shape, layer_activation_bytes
+
+    dense = Shape.from_config(preset("124M", seq_len=8192))
+    local = Shape.from_config(preset("124M", seq_len=8192, attention="local", attention_window=256))
+    assert dense.sparse_blocks == 0 and local.sparse_blocks == 5  # ceil(255 / 64) + 1 band blocks
+    assert local.flops_per_token < dense.flops_per_token
+    setup = Setup(micro_batch=1, precision="fp32", flash_attention=True)
+    sbh = 8192 * 768
+    assert layer_activation_bytes(local, setup) - layer_activation_bytes(dense, setup) == 2 * 4 * sbh * 5
