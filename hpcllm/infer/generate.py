@@ -386,6 +386,27 @@ def _logits(model: torch.nn.Module, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def last_logits(model: torch.nn.Module, idx: torch.Tensor, kv=None, positions=None) -> torch.Tensor:
+    """(B, vocab) logits of the last position of ``idx``, which is all sampling reads.
+
+    A whole hpcllm GPT runs its pieces (``embed``, ``run_blocks``, ``logits``) as its
+    ``forward`` does, but the head only on the last position: the head is the largest
+    matmul, and over a 128-token prompt of the 124M shape computing it for every position is
+    a third of the prompt's FLOPs (and the no-cache path pays it for every new token). Any
+    other module: its full forward, last position taken.
+    """
+    from hpcllm.model.gpt import GPT
+
+    if not (isinstance(model, GPT) and model.has_embed and model.has_head):
+        out = _logits(model, idx) if kv is None else model(idx, kv=kv, positions=positions)
+        return out[:, -1]
+    x = model.embed(idx, kv.pos if kv is not None else 0, positions)
+    x = model.run_blocks(x, kv, positions)
+    if kv is not None:
+        kv.pos += idx.size(1)
+    return model.logits(x[:, -1:])[:, 0]
+
+
 def next_token_distribution(logits: torch.Tensor, vocab_size: int, temperature: float,
                             top_k: int | None, top_p: float | None = None) -> torch.Tensor | None:
     """Probabilities (1-D, float32) for the next token from the last position's logits.
@@ -441,7 +462,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
         for _ in range(sample.max_new_tokens):
             if cache is None:
                 ctx = torch.tensor([ids[-seq_len:]], dtype=torch.long, device=device)
-                last = _logits(model, ctx)[0, -1].cpu()
+                last = last_logits(model, ctx)[0].cpu()
             else:
                 if cache.pos == 0 or cache.pos >= seq_len:
                     # first step, or the window is full: (re)fill the cache with the last
@@ -450,7 +471,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], sample: SampleCo
                     new = ids[-seq_len:]
                 else:
                     new = ids[-1:]
-                last = model(torch.tensor([new], dtype=torch.long, device=device), kv=cache)[0, -1].cpu()
+                last = last_logits(model, torch.tensor([new], dtype=torch.long, device=device), cache)[0].cpu()
             probs = next_token_distribution(last, vocab_size, sample.temperature, sample.top_k, sample.top_p)
             nxt = int(torch.argmax(last[:vocab_size])) if probs is None else int(torch.multinomial(probs, 1, generator=gen))
             ids.append(nxt)
@@ -496,7 +517,7 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], sample: Sam
             cache = model.new_kv_cache(len(rows), seq_len)
             for r, p in enumerate(pads):
                 cache.valid[r, :p] = False
-            logits = model(tokens, kv=cache, positions=positions)[:, -1].cpu()
+            logits = last_logits(model, tokens, cache, positions).cpu()
             gens = [torch.Generator(device="cpu").manual_seed(sample.seed) for _ in rows]
             new: list[list[int]] = [[] for _ in rows]
             done = [False] * len(rows)
@@ -514,7 +535,7 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], sample: Sam
                     break
                 feed = torch.tensor([[rw[-1] if rw else start_tok] for rw in new], dtype=torch.long, device=device)
                 pos = torch.tensor([[len(r) + step] for r in rows], device=device)
-                logits = model(feed, kv=cache, positions=pos)[:, -1].cpu()
+                logits = last_logits(model, feed, cache, pos).cpu()
             for i, rw in zip(idx, new):
                 out[i] = rw
     finally:
