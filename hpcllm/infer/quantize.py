@@ -197,6 +197,22 @@ def quantized_state_dict(model: nn.Module) -> dict:
     return state
 
 
+def dequantized_state_dict(model: nn.Module, dtype=torch.float32) -> dict:
+    """A quantized model's state under the plain model's names (``P.weight`` = the
+    dequantized ``P.weight_int8 * P.scales``; a tied head left out, as the plain model has
+    none), for writers of unquantized formats (e.g. an HF export of an INT8 file)."""
+    state = {}
+    for name, t in quantized_state_dict(model).items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "scales":
+            continue
+        if leaf == "weight_int8":
+            state[f"{prefix}.weight"] = dequantize(t, model.get_submodule(prefix).scales, dtype)
+        else:
+            state[name] = t
+    return state
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (a tied
     embedding and head, fp32 or int8, count once)."""

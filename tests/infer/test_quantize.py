@@ -193,3 +193,20 @@ def test_int8_perplexity_within_1_percent_of_fp32_small_model(stdlib_data, tmp_p
     r = _int8_perplexity_change(capsys, run, stdlib_data)
     assert r["results"]["fp32"]["perplexity"] < 0.1 * 257
     assert abs(r["int8_perplexity_change"]) <= 0.01, r
+
+
+@pytest.mark.parametrize("name", ["small", "llama-small"])
+def test_dequantized_state_has_the_plain_names_within_half_a_scale(name):
+    model = GPT(preset(name), init_seed=0)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    qz.quantize_int8(model)
+    deq = qz.dequantized_state_dict(model)
+    assert set(deq) == set(plain)
+    for k, v in deq.items():
+        mod = k.rpartition(".")[0]
+        sub = model.get_submodule(mod) if mod else None
+        if isinstance(sub, (qz.Int8Linear, qz.Int8Embedding)) and k.endswith(".weight"):
+            assert bool(((v - plain[k]).abs() <= sub.scales[:, None] / 2 * (1 + 1e-6)).all()), k
+        else:
+            assert torch.equal(v, plain[k]), k
+    GPT(preset(name), init_seed=None).load_state_dict(deq)  # loads strictly into the plain model
