@@ -22,7 +22,8 @@ def test_round_trip_error_is_at_most_half_a_scale_per_element():
     q, s = qz.quantize_weight(w)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (64,)
     err = (w - qz.dequantize(q, s)).abs()
-    assert bool((err <= s[:, None] / 2 * (1 + 1e-6)).all()), (err / s[:, None]).max()
+    # <= scale/2 up to fp32 rounding of w / scale (a relative 2^-24 of up to 127 scales)
+    assert bool((err <= s[:, None] / 2 * (1 + 1e-4)).all()), (err / s[:, None]).max()
     assert int(q.abs().max()) == 127 and int(q.min()) >= -127
     nonzero = torch.ones(64, dtype=torch.bool)
     nonzero[9] = False
@@ -206,7 +207,7 @@ def test_dequantized_state_has_the_plain_names_within_half_a_scale(name):
         mod = k.rpartition(".")[0]
         sub = model.get_submodule(mod) if mod else None
         if isinstance(sub, (qz.Int8Linear, qz.Int8Embedding)) and k.endswith(".weight"):
-            assert bool(((v - plain[k]).abs() <= sub.scales[:, None] / 2 * (1 + 1e-6)).all()), k
+            assert bool(((v - plain[k]).abs() <= sub.scales[:, None] / 2 * (1 + 1e-4)).all()), k
         else:
             assert torch.equal(v, plain[k]), k
     GPT(preset(name), init_seed=None).load_state_dict(deq)  # loads strictly into the plain model
