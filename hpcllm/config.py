@@ -153,6 +153,9 @@ class ParallelConfig:
                                "column then row, vocabulary-parallel embedding and loss); consecutive ranks, so "
                                "a group sits within a node. world = tensor-parallel x stages x replicas.",
                                range=AT_LEAST_1)
+    tp_backend: str = opt("auto", "Tensor-parallel collectives: auto (both measured at the block's message size at "
+                          "startup, the faster kept, named in the run log), mpi4py, or horovod.",
+                          choices=("auto", "mpi4py", "horovod"))
     sequence_parallel: bool = opt(False, "With --tensor-parallel: norms, residuals and dropout-free regions on "
                                   "sequence chunks (each rank 1/T of those activations); all-gather / reduce-scatter "
                                   "instead of the all-reduces. --seq-len must be divisible by T.")

@@ -34,6 +34,9 @@ from hpcllm.parallel.topology import Topology
 
 #: dimensions whose gradients Horovod reduces (process sets are registered for these)
 HOROVOD_DIMS = ("dp",)
+#: dimensions Horovod may carry activations for (tensor parallelism measures Horovod against
+#: mpi4py at startup and keeps the faster; its process sets are registered when Horovod is there)
+HOROVOD_OPTIONAL_DIMS = ("tp",)
 
 
 class ParallelGroups:
@@ -211,6 +214,14 @@ def init_groups(pcfg) -> ParallelGroups:
         g.tie = tie if in_tie else None
     if any(getattr(dims, d) > 1 for d in HOROVOD_DIMS):
         g.hvd = _init_horovod(pcfg, dims, g)
+    elif dims.tp > 1 and getattr(pcfg, "tp_backend", "auto") in ("auto", "horovod"):
+        try:  # a candidate for the tensor-parallel collectives (without it: mpi4py)
+            import horovod.torch  # noqa: F401
+        except ImportError:
+            if getattr(pcfg, "tp_backend", "auto") == "horovod":
+                raise HpcllmError("--tp-backend horovod: Horovod is not installed") from None
+        else:
+            g.hvd = _init_horovod(pcfg, dims, g)
     set_threads(pcfg, local_size)
     return g
 
@@ -222,7 +233,7 @@ def _init_horovod(pcfg, dims: ParallelDims, g: ParallelGroups):
         import horovod.torch as hvd
     except ImportError:
         raise HpcllmError(f"{dims.dp} data-parallel replicas need Horovod (scripts/install.sh builds it)") from None
-    wanted = {d: dims.groups(d) for d in HOROVOD_DIMS if getattr(dims, d) > 1}
+    wanted = {d: dims.groups(d) for d in HOROVOD_DIMS + HOROVOD_OPTIONAL_DIMS if getattr(dims, d) > 1}
     extra = [grp for groups in wanted.values() for grp in groups if len(grp) < dims.world]
     sets = _registered_sets(hvd, extra) if hvd.is_initialized() else None
     if sets is None:

@@ -43,12 +43,21 @@ class TPComm:
     """The tensor-parallel group's all-reduce (mpi4py, blocking: latency decides here) and a
     per-direction call counter (``calls["fwd"]``, ``calls["bwd"]``)."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm=None, hvd=None, process_set=None, backend: str = "mpi4py"):
         self.comm = comm
         self.size = comm.Get_size() if comm is not None else 1
         self.rank = comm.Get_rank() if comm is not None else 0
         self.calls: collections.Counter = collections.Counter()
         self.seconds = 0.0
+        self.hvd, self.process_set = hvd, process_set
+        #: "mpi4py" or "horovod" (see :func:`choose_backend`)
+        self.backend = backend
+        self._seq = 0
+
+    def _hvd_name(self, what: str) -> str:
+        # every rank of the group issues the same collectives in the same order
+        self._seq += 1
+        return f"hpcllm.tp.{what}.{self._seq}"
 
     @torch.compiler.disable  # an MPI call: a graph break by design (--compile compiles around it)
     def allreduce_(self, t: torch.Tensor, op: str = "sum", where: str = "fwd") -> torch.Tensor:
@@ -61,6 +70,15 @@ class TPComm:
         from mpi4py import MPI
 
         start = time.perf_counter()
+        if self.backend == "horovod":
+            # Horovod moves 16-bit tensors as they are (and CUDA tensors through NCCL when built so)
+            hvd = self.hvd
+            out = hvd.allreduce(_hvd_wire(t), op=hvd.Max if op == "max" else hvd.Sum,
+                                name=self._hvd_name("allreduce"), process_set=self.process_set)
+            with torch.no_grad():
+                t.copy_(out)
+            self.seconds += time.perf_counter() - start
+            return t
         wire = t.detach()
         if wire.device.type != "cpu":
             wire = wire.cpu()
@@ -92,9 +110,13 @@ class TPComm:
         import time
 
         start = time.perf_counter()
-        w = self._wire(t)
-        out = torch.empty((self.size,) + tuple(w.shape), dtype=w.dtype)
-        self.comm.Allgather(w.numpy(), out.numpy())
+        if self.backend == "horovod":
+            w = _hvd_wire(t)
+            out = self.hvd.allgather(w[None], name=self._hvd_name("allgather"), process_set=self.process_set)
+        else:
+            w = self._wire(t)
+            out = torch.empty((self.size,) + tuple(w.shape), dtype=w.dtype)
+            self.comm.Allgather(w.numpy(), out.numpy())
         out = out.movedim(0, 1).reshape(w.shape[0], self.size * w.shape[1], *w.shape[2:])
         self.seconds += time.perf_counter() - start
         return out.to(device=t.device, dtype=t.dtype)
@@ -111,9 +133,15 @@ class TPComm:
 
         start = time.perf_counter()
         B, T = t.shape[0], t.shape[1]
-        w = self._wire(t.reshape(B, self.size, T // self.size, *t.shape[2:]).movedim(1, 0))
-        out = torch.empty(tuple(w.shape[1:]), dtype=w.dtype)
-        self.comm.Reduce_scatter_block(w.numpy(), out.numpy(), op=MPI.SUM)
+        chunks = t.reshape(B, self.size, T // self.size, *t.shape[2:]).movedim(1, 0)
+        if self.backend == "horovod":
+            hvd = self.hvd
+            out = hvd.reducescatter(_hvd_wire(chunks), op=hvd.Sum, name=self._hvd_name("reducescatter"),
+                                    process_set=self.process_set)[0]
+        else:
+            w = self._wire(chunks)
+            out = torch.empty(tuple(w.shape[1:]), dtype=w.dtype)
+            self.comm.Reduce_scatter_block(w.numpy(), out.numpy(), op=MPI.SUM)
         self.seconds += time.perf_counter() - start
         return out.to(device=t.device, dtype=t.dtype)
 
@@ -121,6 +149,46 @@ class TPComm:
         """This rank's chunk of a (B, T, ...) tensor every rank holds whole."""
         n = t.shape[1] // self.size
         return t[:, self.rank * n:(self.rank + 1) * n]
+
+
+def choose_backend(comm: TPComm, nbytes: int, device, forced: str = "auto", repeats: int = 20) -> dict:
+    """Measure the candidates for this group's all-reduces at the block's message size
+    (``nbytes``: one micro-batch's activation) on this device, keep the faster (``forced``:
+    mpi4py or horovod as asked), the same on every rank of the group. Returns what was
+    measured (median milliseconds) and chosen, for the run log."""
+    import statistics
+    import time
+
+    cands = ["mpi4py"] + (["horovod"] if comm.hvd is not None else [])
+    if forced != "auto":
+        if forced not in cands:
+            from hpcllm.errors import HpcllmError
+
+            raise HpcllmError(f"--tp-backend {forced}: not available here (candidates: {', '.join(cands)})")
+        cands = [forced]
+    probe = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    times = {}
+    for backend in cands:
+        comm.backend = backend
+        samples = []
+        for i in range(repeats + 3):
+            t0 = time.perf_counter()
+            comm.allreduce_(probe, where="probe")
+            if i >= 3:
+                samples.append(time.perf_counter() - t0)
+        # the group agrees on the slowest rank's view (every rank must pick the same backend)
+        times[backend] = comm.comm.allreduce(statistics.median(samples), op=_mpi_max()) if comm.comm else 0.0
+    chosen = min(times, key=times.get)
+    comm.backend, comm.seconds = chosen, 0.0
+    comm.calls.pop("probe", None)
+    return {"chosen": chosen, "bytes": int(nbytes), "median_ms": {k: round(v * 1e3, 4) for k, v in times.items()},
+            "forced": forced != "auto"}
+
+
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
 
 
 class _GatherSeq(torch.autograd.Function):
@@ -178,6 +246,12 @@ def scatter_seq(x, comm: TPComm):
 
 def chunk_seq(x, comm: TPComm):
     return _ChunkSeq.apply(x, comm) if comm.size > 1 else x
+
+
+def _hvd_wire(t: torch.Tensor) -> torch.Tensor:
+    """What Horovod 0.28.1 can carry: it has no bf16 type (fp16 and fp32 go as they are)."""
+    w = t.detach()
+    return (w.float() if w.dtype == torch.bfloat16 else w).contiguous()
 
 
 class _CopyToTP(torch.autograd.Function):

@@ -190,10 +190,13 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
     if dims.tp > 1:
+        ch = par.tp_comm.choice
+        measured = ", ".join(f"{k} {v:.3f} ms" for k, v in ch["median_ms"].items())
         log(groups, f"tensor parallel: {dims.tp} ranks per model part (heads, MLP columns/rows and vocabulary "
-            f"split), collectives over mpi4py: the backend measured fastest at block message sizes on CPUs "
-            f"(benchmarks/tensor_parallel.py)" + ("; CUDA tensors staged through host memory"
-                                                  if device.type == "cuda" else ""))
+            f"split){', sequence parallel' if pc.sequence_parallel else ''}; collectives over {ch['chosen']} "
+            f"({'as asked' if ch['forced'] else 'the faster'}: all-reduce of {ch['bytes'] / 1024:.0f} KiB {measured})"
+            + ("; mpi4py stages CUDA tensors through host memory" if device.type == "cuda" and ch["chosen"] == "mpi4py"
+               else ""))
     if dims.pp > 1:
         log(groups, f"pipeline: {dims.pp} stages x {dims.dp} replicas, schedule {pc.schedule}, {M} micro-batches, "
             f"blocks per stage {partition.counts()}")

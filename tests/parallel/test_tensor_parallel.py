@@ -80,11 +80,22 @@ def tp_run(tmp_path, tdata, name, np_, *extra, hosts=None):
     return out, res
 
 
-@pytest.mark.parametrize("name,sp", [("learned", False), ("rope", False), ("llama", False), ("learned", True),
-                                     ("llama", True)])
-def test_two_tensor_parallel_ranks_equal_one_process(tdata, references, tmp_path, name, sp):
-    out, res = tp_run(tmp_path, tdata, name, 2, "--tensor-parallel", "2", *(["--sequence-parallel"] if sp else []))
-    assert "tensor parallel: 2 ranks" in res.stdout and "mpi4py" in res.stdout
+@pytest.mark.parametrize("name,sp,backend", [("learned", False, "auto"), ("rope", False, "auto"),
+                                             ("llama", False, "auto"), ("learned", True, "auto"),
+                                             ("llama", True, "auto"), ("learned", True, "horovod")])
+def test_two_tensor_parallel_ranks_equal_one_process(tdata, references, tmp_path, name, sp, backend):
+    out, res = tp_run(tmp_path, tdata, name, 2, "--tensor-parallel", "2", "--tp-backend", backend,
+                      *(["--sequence-parallel"] if sp else []))
+    # both candidates measured at startup, the choice in the log
+    line = next(x for x in res.stdout.splitlines() if "tensor parallel: 2 ranks" in x)
+    if backend == "auto":  # the faster of the two as measured (mpi4py by far on an idle CPU)
+        import re
+
+        ms = {k: float(v) for k, v in re.findall(r"(mpi4py|horovod) ([0-9.]+) ms", line)}
+        assert set(ms) == {"mpi4py", "horovod"}, line
+        assert f"collectives over {min(ms, key=ms.get)} (the faster" in line, line
+    else:
+        assert "collectives over horovod (as asked" in line, line
     assert json.loads((out / "config.json").read_text())["layout"]["tp"] == 2
     assert_same(out, references[name, 1], f"{name} T=2" + (" sequence-parallel" if sp else ""))
 
