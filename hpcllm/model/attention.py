@@ -40,66 +40,80 @@ def _block_seed(seed: int, layer: int, qblock: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+#: the kernel's query chunk: query blocks are grouped into chunks of about this many rows
+#: (a multiple of the block size): larger kernel tiles, fewer gathered keys per row for a
+#: band. T=8192, 4 heads x 64, fp32, forward + backward on 2 (shared) cores, chunks of
+#: 64 / 128 / 256 rows: local W=256 B=64 851 / 679 / 643 ms, bigbird (G=64, R=3) 1445 / 1077 /
+#: 1491 ms.
+KERNEL_CHUNK = 128
+
+
+def default_chunk(block: int) -> int:
+    return block * max(1, KERNEL_CHUNK // block)
+
+
 class SparsePattern:
-    """Which (query block, key block) pairs, and which elements in them, one layer computes."""
+    """Which (query chunk, key block) pairs, and which elements in them, one layer computes.
+
+    The pattern itself is defined on blocks of ``block`` positions (random blocks are drawn
+    per query block); the kernel groups ``chunk // block`` query blocks into one chunk and
+    gathers the union of their key blocks.
+    """
 
     def __init__(self, T: int, window: int, global_tokens: int = 0, random_blocks: int = 0, block: int = 64,
-                 seed: int = 0, layer: int = 0):
+                 seed: int = 0, layer: int = 0, chunk: int | None = None):
         if window < 1 or block < 1 or global_tokens < 0 or random_blocks < 0 or T < 1:
             raise ValueError("sparse attention needs T >= 1, window >= 1, block >= 1, global >= 0, random >= 0")
-        self.T, self.W, self.G, self.R, self.B = T, window, global_tokens, random_blocks, block
+        chunk = default_chunk(block) if chunk is None else chunk
+        if chunk < block or chunk % block:
+            raise ValueError(f"the kernel chunk {chunk} must be a multiple of the block {block}")
+        self.T, self.W, self.G, self.R, self.B, self.C = T, window, global_tokens, random_blocks, block, chunk
         self.seed, self.layer = seed, layer
-        B = block
-        nq = -(-T // B)
-        n_global = min(-(-global_tokens // B), nq)
-        rows = []
-        for qb in range(nq):
+        B, m = block, chunk // block
+        nc = -(-T // chunk)
+        nb = nc * m  # key/query blocks of the padded length
+        n_global = -(-global_tokens // B)
+        #: (nb, nb): key block kb is one of query block qb's random blocks
+        rand_table = torch.zeros(nb, nb, dtype=torch.bool)
+        block_lists = []
+        for qb in range(nb):
             lo = max(0, (qb * B - window + 1) // B)  # first block the band of this query block touches
-            local = list(range(lo, qb + 1))
-            glob = [b for b in range(min(n_global, qb + 1)) if b < lo]
-            chosen = set(local) | set(glob)
-            rand = []
-            if random_blocks:
+            chosen = set(range(lo, qb + 1)) | set(range(min(n_global, qb + 1)))
+            if random_blocks and qb * B < T:
                 cand = [b for b in range(qb) if b not in chosen]
                 if cand:
                     g = torch.Generator().manual_seed(_block_seed(seed, layer, qb))
-                    perm = torch.randperm(len(cand), generator=g)[:random_blocks].tolist()
-                    rand = sorted(cand[p] for p in perm)
-            rows.append((glob + rand + local, len(glob), len(rand)))
-        self.n_q = nq
-        self.n_k = max(len(r[0]) for r in rows)
-        idx = torch.zeros(nq, self.n_k, dtype=torch.long)
-        valid = torch.zeros(nq, self.n_k, dtype=torch.bool)
-        is_rand = torch.zeros(nq, self.n_k, dtype=torch.bool)
-        for qb, (blocks, ng, nr) in enumerate(rows):
-            idx[qb, :len(blocks)] = torch.tensor(blocks)
-            valid[qb, :len(blocks)] = True
-            is_rand[qb, ng:ng + nr] = True
-        #: (n_q, n_k) key block per slot; valid: the slot is not padding
-        self.index, self.valid, self.is_random = idx, valid, is_rand
-        # element mask (n_q, B, n_k * B): the rule applied to the gathered positions
-        i = (torch.arange(nq)[:, None] * B + torch.arange(B)[None, :])[:, :, None]  # (nq, B, 1)
-        j = (idx[:, :, None] * B + torch.arange(B)[None, None, :]).reshape(nq, 1, self.n_k * B)
+                    for p in torch.randperm(len(cand), generator=g)[:random_blocks].tolist():
+                        rand_table[qb, cand[p]] = True
+                        chosen.add(cand[p])
+            block_lists.append(chosen)
+        rows = [sorted(set().union(*block_lists[c * m:(c + 1) * m])) for c in range(nc)]
+        self.n_q, self.n_k, self.n_blocks = nc, max(len(r) for r in rows), nb
+        idx = torch.zeros(nc, self.n_k, dtype=torch.long)
+        valid = torch.zeros(nc, self.n_k, dtype=torch.bool)
+        for c, blocks in enumerate(rows):
+            idx[c, :len(blocks)] = torch.tensor(blocks)
+            valid[c, :len(blocks)] = True
+        #: (n_q chunks, n_k) key block per slot; valid: the slot is not padding
+        self.index, self.valid, self.rand_table = idx, valid, rand_table
+        # element mask (n_q, C, n_k * B): the rule applied to the gathered positions
+        i = (torch.arange(nc)[:, None] * chunk + torch.arange(chunk)[None, :])[:, :, None]  # (nc, C, 1)
+        j = (idx[:, :, None] * B + torch.arange(B)[None, None, :]).reshape(nc, 1, self.n_k * B)
         slot_ok = valid.repeat_interleave(B, dim=1)[:, None, :]
-        slot_rand = is_rand.repeat_interleave(B, dim=1)[:, None, :]
-        rule = (i - j < window) | (j < global_tokens) | (i < global_tokens) | slot_rand
         # padded keys (j >= T) are never seen by a real query; a padded query sees itself
-        self.mask = slot_ok & (j <= i) & rule & ((j < T) | (j == i))
+        self.mask = slot_ok & self.allowed(i, j) & ((j < T) | (j == i))
         self._bias: dict = {}
 
     # ------------------------------------------------------------------ queries on the pattern
 
     def allowed(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """The element rule for broadcastable position tensors ``i`` (queries) and ``j`` (keys)."""
-        B = self.B
-        qb, kb = i // B, j // B
-        rand = torch.zeros(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.bool, device=i.device)
+        """The element rule for broadcastable position tensors ``i`` (queries) and ``j`` (keys)
+        (positions below the padded length)."""
+        rule = (i - j < self.W) | (j < self.G) | (i < self.G)
         if self.R:
-            idx, isr = self.index.to(i.device), self.is_random.to(i.device)
-            qbc = qb.clamp(max=self.n_q - 1)
-            for s in range(self.n_k):
-                rand |= isr[qbc, s] & (idx[qbc, s] == kb)
-        return (j <= i) & ((i - j < self.W) | (j < self.G) | (i < self.G) | rand)
+            table = self.rand_table.to(i.device)
+            rule = rule | table[(i // self.B).clamp(max=self.n_blocks - 1), (j // self.B).clamp(max=self.n_blocks - 1)]
+        return (j <= i) & rule
 
     def dense_mask(self, T: int | None = None) -> torch.Tensor:
         """(T, T) boolean mask of the same pattern (for tests and the generation cache path)."""
@@ -109,9 +123,8 @@ class SparsePattern:
 
     def attended_pairs(self) -> int:
         """Allowed (query, key) pairs of the T real positions (the FLOPs count these)."""
-        rows = min(self.n_q * self.B, self.T)
-        m = self.mask.reshape(self.n_q * self.B, -1)[:rows]
-        return int(m.sum()) - 0  # padded queries are excluded by the slice
+        m = self.mask.reshape(self.n_q * self.C, -1)[:self.T]
+        return int(m.sum())  # padded queries are excluded by the slice
 
     def density(self) -> float:
         """Allowed pairs over the causal T (T + 1) / 2."""
@@ -120,12 +133,12 @@ class SparsePattern:
     def digest(self) -> str:
         """A hash of the pattern (key blocks and element mask): equal on every rank and restart."""
         h = hashlib.sha256()
-        for t in (self.index, self.valid, self.is_random, self.mask):
+        for t in (self.index, self.valid, self.rand_table, self.mask):
             h.update(t.numpy().tobytes())
         return h.hexdigest()
 
     def device_mask(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(element mask (1, n_q, B, n_k * B), flat key block index (n_q * n_k,)) on a device, cached."""
+        """(element mask (1, n_q, C, n_k * B), flat key block index (n_q * n_k,)) on a device, cached."""
         key = str(device)
         if key not in self._bias:
             self._bias[key] = (self.mask[None].to(device), self.index.reshape(-1).to(device))
@@ -134,9 +147,9 @@ class SparsePattern:
 
 @lru_cache(maxsize=256)
 def get_pattern(T: int, window: int, global_tokens: int, random_blocks: int, block: int, seed: int,
-                layer: int) -> SparsePattern:
+                layer: int, chunk: int | None = None) -> SparsePattern:
     """The pattern of one layer for length T, built once."""
-    return SparsePattern(T, window, global_tokens, random_blocks, block, seed, layer)
+    return SparsePattern(T, window, global_tokens, random_blocks, block, seed, layer, chunk)
 
 
 def _fused_available(q, k, mask) -> bool:
@@ -150,7 +163,7 @@ def _fused_available(q, k, mask) -> bool:
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern,
                      impl: str = "auto") -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + pattern mask) v for (batch, heads, T, hd) tensors, computing
-    only the pattern's (query block, key block) pairs. Memory O(T x n_k x B).
+    only the pattern's (query chunk, key block) pairs. Memory O(T x n_k x B / C).
 
     The key/value blocks of each query block are gathered (``index_select``; its backward is
     an ``index_add``), then each query block attends to its n_k x B gathered keys under the
@@ -164,15 +177,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     Bt, H, T, hd = q.shape
     if T != pattern.T:
         raise ValueError(f"pattern built for T={pattern.T}, got {T}")
-    B, nq, nk = pattern.B, pattern.n_q, pattern.n_k
-    pad = nq * B - T
+    B, C, nq, nk, nb = pattern.B, pattern.C, pattern.n_q, pattern.n_k, pattern.n_blocks
+    pad = nq * C - T
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
     mask, flat = pattern.device_mask(q.device)
-    qb = q.reshape(Bt * H, nq, B, hd)
-    # gather the key/value blocks each query block sees: (Bt * H, nq, nk * B, hd)
-    kg = k.reshape(Bt * H, nq, B, hd).index_select(1, flat).reshape(Bt * H, nq, nk * B, hd)
-    vg = v.reshape(Bt * H, nq, B, hd).index_select(1, flat).reshape(Bt * H, nq, nk * B, hd)
+    qb = q.reshape(Bt * H, nq, C, hd)
+    # gather the key/value blocks each query chunk sees: (Bt * H, nq, nk * B, hd)
+    kg = k.reshape(Bt * H, nb, B, hd).index_select(1, flat).reshape(Bt * H, nq, nk * B, hd)
+    vg = v.reshape(Bt * H, nb, B, hd).index_select(1, flat).reshape(Bt * H, nq, nk * B, hd)
     if impl == "auto":
         impl = "sdpa" if _fused_available(qb, kg, mask) else "matmul"
     if impl == "sdpa":
@@ -184,7 +197,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         y = torch.matmul(torch.softmax(scores, dim=-1), vg)
     else:
         raise ValueError(f"impl must be auto, sdpa or matmul, not {impl!r}")
-    y = y.reshape(Bt, H, nq * B, hd)
+    y = y.reshape(Bt, H, nq * C, hd)
     return y[:, :, :T] if pad else y
 
 

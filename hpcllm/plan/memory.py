@@ -97,8 +97,9 @@ class Shape:
     kv_heads: int = 0
     hidden: int = 0
     """MLP hidden size (tensor parallelism needs it, the heads and the vocabulary divisible by T)."""
-    sparse_blocks: int = 0
-    """Sparse attention (local/bigbird): key blocks gathered per query block (0: dense)."""
+    sparse_kv_factor: float = 0.0
+    """Sparse attention (local/bigbird): elements of the gathered key (and value) blocks per
+    key element, n_k x block / chunk (0: dense)."""
 
     def tp_fits(self, tp: int) -> bool:
         return tp == 1 or not (self.n_head % tp or (self.kv_heads or self.n_head) % tp
@@ -123,14 +124,15 @@ class Shape:
                    name=getattr(cfg, "name", "custom"), tied=tied,
                    block_replicated_params=2 * cfg.norm_params + (2 * cfg.d_model if cfg.bias else 0),
                    position_params=cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0,
-                   kv_heads=cfg.n_kv_head, hidden=cfg.hidden_dim, sparse_blocks=_sparse_blocks(cfg))
+                   kv_heads=cfg.n_kv_head, hidden=cfg.hidden_dim, sparse_kv_factor=_sparse_kv_factor(cfg))
 
 
-def _sparse_blocks(cfg) -> int:
+def _sparse_kv_factor(cfg) -> float:
     if getattr(cfg, "attention", "dense") == "dense":
-        return 0
+        return 0.0
     from hpcllm.model.attention import pattern_for
-    return pattern_for(cfg, cfg.seq_len, 0).n_k
+    p = pattern_for(cfg, cfg.seq_len, 0)
+    return p.n_k * p.B / p.C
 
 
 @dataclass(frozen=True)
@@ -255,8 +257,8 @@ def layer_activation_bytes(shape: Shape, setup: Setup) -> int:
     # all-gathered copy is what the matmul keeps); the 12 sbh of q/k/v, the attention output,
     # and the 4h-wide MLP tensors, split over the heads / hidden columns
     n = (sbh * 2 * e_res + 2 * 2 * 4 * s * b) // sp + sbh * 2 * e_mm + sbh * 12 * e_mm // T
-    if shape.sparse_blocks:  # block-sparse: the gathered key and value blocks (n_k per query block) + lse
-        n += 2 * e_mm * sbh * shape.sparse_blocks // T + 4 * a * s * b // T
+    if shape.sparse_kv_factor:  # block-sparse: the gathered key and value blocks + lse
+        n += int(2 * e_mm * sbh * shape.sparse_kv_factor) // T + 4 * a * s * b // T
     elif setup.flash_attention is not False:
         n += 4 * a * s * b // T  # fp32 log-sum-exp per query row
     else:

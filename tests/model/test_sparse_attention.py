@@ -32,9 +32,9 @@ def _dense_ref(q, k, v, pattern, dtype=torch.float64):
     return ins, F.scaled_dot_product_attention(*ins, attn_mask=pattern.dense_mask())
 
 
-def _compare(T, W, G, R, B, dtype, impl, atol, rtol=0.0):
+def _compare(T, W, G, R, B, dtype, impl, atol, rtol=0.0, chunk=None):
     torch.manual_seed(T + W + G + R + B)
-    p = SparsePattern(T, W, G, R, B, seed=3, layer=1)
+    p = SparsePattern(T, W, G, R, B, seed=3, layer=1, chunk=chunk)
     q, k, v = (torch.randn(2, 3, T, 16).to(dtype).requires_grad_(True) for _ in range(3))
     y = sparse_attention(q, k, v, p, impl=impl)
     assert y.dtype == dtype and y.shape == q.shape
@@ -50,10 +50,12 @@ def _compare(T, W, G, R, B, dtype, impl, atol, rtol=0.0):
     return errs
 
 
+@pytest.mark.parametrize("chunk", ["block", "default"])
 @pytest.mark.parametrize("impl", ["sdpa", "matmul"])
 @pytest.mark.parametrize("shape", PATTERNS, ids=lambda s: "T{}-W{}-G{}-R{}-B{}".format(*s))
-def test_fp32_output_and_grads_equal_masked_dense_within_1e_5(shape, impl):
-    _compare(*shape, torch.float32, impl, atol=1e-5)
+def test_fp32_output_and_grads_equal_masked_dense_within_1e_5(shape, impl, chunk):
+    # kernel chunks of one block, and of several (default: 128 rows; T not a multiple of either)
+    _compare(*shape, torch.float32, impl, atol=1e-5, chunk=shape[-1] if chunk == "block" else None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -64,7 +66,7 @@ def test_16bit_within_2e_2(shape, dtype):
 
 
 def test_dense_mask_is_causal_local_global_random():
-    p = SparsePattern(64, 8, 4, 1, 8, seed=0, layer=0)
+    p = SparsePattern(64, 8, 4, 1, 8, seed=0, layer=0, chunk=8)
     m = p.dense_mask()
     i, j = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     assert not m[j > i].any()                       # causal
@@ -247,8 +249,9 @@ def test_plan_memory_and_time_use_the_pattern():
 
     dense = Shape.from_config(preset("124M", seq_len=8192))
     local = Shape.from_config(preset("124M", seq_len=8192, attention="local", attention_window=256))
-    assert dense.sparse_blocks == 0 and local.sparse_blocks == 5  # ceil(255 / 64) + 1 band blocks
+    # chunks of 128 queries gather 6 blocks of 64 keys (the band of 256 before them and themselves)
+    assert dense.sparse_kv_factor == 0 and local.sparse_kv_factor == 6 * 64 / 128
     assert local.flops_per_token < dense.flops_per_token
     setup = Setup(micro_batch=1, precision="fp32", flash_attention=True)
     sbh = 8192 * 768
-    assert layer_activation_bytes(local, setup) - layer_activation_bytes(dense, setup) == 2 * 4 * sbh * 5
+    assert layer_activation_bytes(local, setup) - layer_activation_bytes(dense, setup) == 2 * 4 * sbh * 3
