@@ -53,11 +53,11 @@ def worker(part: str, kind: str, T: int, repeats: int, device: str) -> dict:
     if part == "attention":
         q, k, v = (torch.randn(1, 4, T, 64, device=dev, requires_grad=True) for _ in range(3))
         if kind == "dense":
-            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             from hpcllm.model.attention import sparse_attention
             pat = pattern_for(cfg, T, 0)
-            fn = lambda: sparse_attention(q, k, v, pat)  # noqa: E731
+            fn = lambda: sparse_attention(q, k, v, pat)
 
         def run():
             fn().sum().backward()

@@ -170,7 +170,7 @@ def test_flops_count_attended_keys():
     local = preset("124M", seq_len=8192, attention="local", attention_window=256)
     bird = preset("124M", seq_len=8192, attention="bigbird", attention_window=256, attention_global=64,
                   attention_random=3, attention_block=64)
-    attn = lambda cfg, keys: 12 * cfg.n_layer * keys * cfg.d_model  # noqa: E731
+    attn = lambda cfg, keys: 12 * cfg.n_layer * keys * cfg.d_model
     base = flops_per_token(dense) - attn(dense, 8192)
     # local: every query past the first W sees W keys; the first W see 1..W
     keys = (256 * 257 / 2 + (8192 - 256) * 256) / 8192
@@ -255,3 +255,34 @@ def test_plan_memory_and_time_use_the_pattern():
     setup = Setup(micro_batch=1, precision="fp32", flash_attention=True)
     sbh = 8192 * 768
     assert layer_activation_bytes(local, setup) - layer_activation_bytes(dense, setup) == 2 * 4 * sbh * 3
+
+
+@pytest.fixture(scope="module")
+def byte_dataset(tmp_path_factory):
+    from tests.train.conftest import build_dataset
+
+    return build_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+def test_train_resume_and_generate_end_to_end(byte_dataset, tmp_path):
+    """hpcllm train with --attention bigbird through the loader and checkpoints, a resume, and
+    hpcllm generate's greedy tokens = the trained model's argmax over the whole sequence."""
+    from hpcllm.infer.generate import SampleConfig, generate_ids, load_model
+    from tests.train.conftest import TINY, losses, run_train
+
+    run = tmp_path / "run"
+    sparse = ["--attention", "bigbird", "--attention-window", "8", "--attention-global", "4",
+              "--attention-random", "1", "--attention-block", "8", "--ckpt-every", "2"]
+    run_train(["--data", str(byte_dataset), "--out", str(run), "--steps", "2", *TINY, *sparse])
+    run_train(["--data", str(byte_dataset), "--out", str(run), "--steps", "3", "--resume", "auto", *TINY, *sparse])
+    assert sorted(losses(run)) == [1, 2, 3]
+    lm = load_model(run)
+    assert lm.step == 3 and lm.model.cfg.attention == "bigbird" and lm.model.cfg.attention_random == 1
+    prompt = list(b"The cluster ")
+    ref = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ref.append(int(lm.model(torch.tensor([ref[-lm.seq_len:]]))[0, -1, :257].argmax()))
+    got = generate_ids(lm.model, prompt, SampleConfig(max_new_tokens=12, temperature=0, stop_at_eod=False),
+                       seq_len=lm.seq_len, vocab_size=257)
+    assert got == ref[len(prompt):]
