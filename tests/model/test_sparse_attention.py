@@ -286,3 +286,35 @@ def test_train_resume_and_generate_end_to_end(byte_dataset, tmp_path):
     got = generate_ids(lm.model, prompt, SampleConfig(max_new_tokens=12, temperature=0, stop_at_eod=False),
                        seq_len=lm.seq_len, vocab_size=257)
     assert got == ref[len(prompt):]
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("layout", [["--tensor-parallel", "2", "--sequence-parallel"], ["--pipeline-stages", "2"],
+                                    ["--zero-stage", "3", "--recompute"]], ids=["tp2-sp", "pp2", "zero3-recompute"])
+def test_layouts_equal_one_process(byte_dataset, tmp_path, layout):
+    """The pattern lives in the model: 2 ranks under tensor + sequence parallelism, a 2-stage
+    pipeline (each stage's blocks keep their global layer index, so their random blocks) and
+    ZeRO-3 with recompute give one process's losses."""
+    import shutil
+
+    from tests.cluster.mpi import run_mpi
+    from tests.train.conftest import losses, run_train, train_cmd
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("no mpirun")
+    args = ["--data", str(byte_dataset), "--model", "tiny", "--n-layer", "2", "--n-head", "4", "--d-model", "32",
+            "--seq-len", "64", "--pos-emb", "rope", "--attention", "bigbird", "--attention-window", "8",
+            "--attention-global", "4", "--attention-random", "2", "--attention-block", "8", "--steps", "3",
+            "--micro-batch", "2", "--threads", "1", "--precision", "fp32", "--log-every", "1", "--ckpt-every", "0",
+            "--warmup", "1", "--lr", "3e-3"]
+    one = tmp_path / "one"
+    run_train([*args, "--out", str(one)] + (["--micro-batch", "1", "--accum", "2"] if "--zero-stage" in layout
+                                            else []))
+    two = tmp_path / "two"
+    extra = ["--micro-batch", "1"] if "--zero-stage" in layout else []
+    run_mpi(train_cmd(*args, "--out", str(two), *layout, *extra), np=2, env={"OMP_NUM_THREADS": "1"},
+            timeout=240).check()
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert abs(a[s] - b[s]) < 1e-4, (s, a, b)
