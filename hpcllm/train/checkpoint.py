@@ -566,10 +566,12 @@ class CheckpointReader:
             return
         lay = self.layout()
         P = int(lay.get("pp", 1))
+        T = int(lay.get("tp", 1))
         if lay.get("zero"):
-            T = int(lay.get("tp", 1))
             want = [shard_file(s, r, t if T > 1 else None) for s in range(P) for r in range(int(lay.get("dp", 1)))
                     for t in range(T)]
+        elif T > 1:  # tensor-parallel shards of the first replica
+            want = [shard_file(s, 0, t) for s in range(P) for t in range(T)]
         else:
             want = [model_file(s) for s in range(P)]
         missing = [w for w in want if not (self.dir / w).is_file()]

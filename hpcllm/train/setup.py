@@ -225,8 +225,8 @@ def prepare_run_dir(run_dir, config_json: dict, start_step: int) -> None:
 
 def checkpoint_files(par, optimizer, groups) -> dict:
     """This rank's tensor files of a checkpoint. Replicated: each part's first replica writes
-    the part's model/optimizer pair; ZeRO: every rank writes its own shards (in parallel,
-    nothing gathered anywhere)."""
+    the part's model/optimizer pair; tensor parallelism: each rank of the first replica its
+    shards; ZeRO: every rank writes its own shards (in parallel, nothing gathered anywhere)."""
     if par.zero_stage:
         return {ckpt.shard_file(groups.stage, groups.dp_rank, groups.tp_rank if groups.dims.tp > 1 else None): {
             "format": ckpt.SHARD_FORMAT, "zero_stage": par.zero_stage, "dp": groups.dims.dp,
@@ -234,23 +234,35 @@ def checkpoint_files(par, optimizer, groups) -> dict:
     if groups.dp_rank != 0:
         return {}
     owned, module = par.owned_names(), par.module
+    if par.tp_specs:
+        return {ckpt.shard_file(groups.stage, 0, groups.tp_rank): tp_shard_payload(par, optimizer, groups, owned)}
     model = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in owned}
     optim = ckpt.named_optim_state(optimizer, module.named_parameters(), exclude=par.grad_sync.duplicate)
-    if par.tp_specs:  # whole tensors by name, joined on the group's first rank: layout-independent files
-        from hpcllm.parallel.tensor_parallel import gather_full
-
-        comm = groups.comm["tp"]
-        model = gather_full(model, par.tp_specs, comm)
-        moments = {f"{n}\0{k}": v for n, st in optim["state"].items() for k, v in st.items()
-                   if torch.is_tensor(v) and v.dim() > 0}
-        moments = gather_full(moments, {f"{n}\0{k}": par.tp_specs[n] for n in par.tp_specs
-                                        for k in ("exp_avg", "exp_avg_sq")}, comm)
-        if groups.tp_rank != 0:
-            return {}
-        for key, v in moments.items():
-            n, k = key.split("\0")
-            optim["state"][n][k] = v
     return {ckpt.model_file(groups.stage): model, ckpt.optim_file(groups.stage): optim}
+
+
+def tp_shard_payload(par, optimizer, groups, owned) -> dict:
+    """Tensor parallelism without ZeRO: each tensor-parallel rank of the first replica writes its
+    shards (and their AdamW moments) by name, with how each tensor is cut, in the shard-file
+    format (one piece per tensor); what every rank holds alike is written by the first. The
+    reader joins them by name, so any layout resumes them."""
+    pieces = {}
+    state = optimizer.state
+    for name, p in par.module.named_parameters():
+        spec = par.tp_specs.get(name)
+        if name not in owned or (spec is None and groups.tp_rank != 0):
+            continue
+        rec = {"shape": list(p.shape), "start": 0, "stop": p.numel(), "value": p.detach().cpu().reshape(-1).clone()}
+        st = state.get(p, {})
+        for k in ("exp_avg", "exp_avg_sq"):
+            if k in st:
+                rec[k] = st[k].detach().cpu().reshape(-1).clone()
+        if "step" in st:
+            rec["step"] = st["step"].detach().cpu().clone()
+        if spec is not None:
+            rec["tp"] = {"rank": groups.tp_rank, "size": groups.dims.tp, "dim": spec.dim, "groups": list(spec.groups)}
+        pieces[name] = rec
+    return {"format": ckpt.SHARD_FORMAT, "zero_stage": 0, "dp": groups.dims.dp, "dp_rank": 0, "pieces": pieces}
 
 
 class TPSlicedReader:

@@ -189,6 +189,10 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     log(groups, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
         f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
+    if getattr(gpt_cfg, "attention", "dense") != "dense":
+        from hpcllm.model.attention import describe as describe_attention
+
+        log(groups, describe_attention(gpt_cfg))
     if dims.tp > 1:
         ch = par.tp_comm.choice
         measured = ", ".join(f"{k} {v:.3f} ms" for k, v in ch["median_ms"].items())
