@@ -97,6 +97,10 @@ def test_two_tensor_parallel_ranks_equal_one_process(tdata, references, tmp_path
     else:
         assert "collectives over horovod (as asked" in line, line
     assert json.loads((out / "config.json").read_text())["layout"]["tp"] == 2
+    # each tensor-parallel rank wrote its own shards (nothing gathered)
+    ck = out / "checkpoints" / f"step-{STEPS:08d}"
+    assert sorted(f.name for f in ck.glob("*.pt") if not f.name.startswith("rng")) == [
+        "zero-00000-00000-t000.pt", "zero-00000-00000-t001.pt"]
     assert_same(out, references[name, 1], f"{name} T=2" + (" sequence-parallel" if sp else ""))
 
 
