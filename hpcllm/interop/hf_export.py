@@ -32,7 +32,12 @@ def export_hf(source, out, dtype: str = "fp32", max_shard_bytes: int = DEFAULT_M
     from hpcllm.model.gpt import GPTConfig
 
     cfg = GPTConfig(**loaded.model_config)
-    state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
+    if getattr(loaded, "quantization", None):  # an INT8 export: its dequantized weights (the plain names)
+        from hpcllm.infer.quantize import dequantized_state_dict
+
+        state = dequantized_state_dict(loaded.model)
+    else:
+        state = {k: v.detach() for k, v in loaded.model.state_dict().items()}
     tok = loaded.tokenizer
     config, tensors = to_hf(cfg, state, tok.eod_id)
     want = DTYPES[dtype]

@@ -313,3 +313,21 @@ def test_init_from_loads_alike_in_every_layout(tmp_path, byte_dataset):
         out = tmp_path / name
         run_mpi(train_cmd(*base, "--out", str(out), *extra), np=2, env={"OMP_NUM_THREADS": "1"}, timeout=240).check()
         assert abs(read_metrics(out)[0]["loss"] - want) < 1e-5 * max(1.0, want), name
+
+
+def test_an_int8_export_leaves_as_its_dequantized_weights(tmp_path):
+    """export --int8 -> export --format hf: transformers gets the dequantized weights (int8 x
+    scale) under the plain names: its logits equal the plain model holding those weights."""
+    from hpcllm.infer.generate import load_model, save_export
+    from hpcllm.infer.quantize import dequantized_state_dict
+
+    cfg = SHAPES["gpt2"]
+    _export_file(cfg, tmp_path / "m.pt")
+    save_export(tmp_path / "m.pt", tmp_path / "q.pt", int8=True)  # what export --int8 writes
+    export_hf(tmp_path / "q.pt", tmp_path / "hf")
+    plain = GPT(cfg, init_seed=None)
+    plain.load_state_dict(dequantized_state_dict(load_model(tmp_path / "q.pt").model), strict=False)
+    plain.eval()
+    x = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (plain(x) - _hf(tmp_path / "hf")(x).logits).abs().max().item() < 1e-5
