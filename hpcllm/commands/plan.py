@@ -48,6 +48,12 @@ def _num(what):
 @click.option("--pipeline-stages", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this many stages.")
 @click.option("--micro-batch", type=number(int, AT_LEAST_1), default=None, help="Only layouts with this micro-batch.")
 @click.option("--recompute/--no-recompute", default=None, help="Only layouts with / without recomputation.")
+@click.option("--attention", type=click.Choice(["dense", "local", "bigbird"]), default=None,
+              help="Sparse attention of the model (as hpcllm train's): memory and time count the attended keys.")
+@click.option("--attention-window", type=number(int, AT_LEAST_1), default=None, help="--attention: keys per query in the local band.")
+@click.option("--attention-global", type=number(int, Range(0)), default=None, help="--attention bigbird: global tokens.")
+@click.option("--attention-random", type=number(int, Range(0)), default=None, help="--attention bigbird: random key blocks per query block.")
+@click.option("--attention-block", type=number(int, AT_LEAST_1), default=None, help="--attention: block size.")
 @click.option("--tensor-parallel", type=number(int, Range(1)), default=None,
               help="Only layouts with this tensor-parallel degree (may span nodes when given) "
                    "[default: search the divisors of --devices-per-node].")

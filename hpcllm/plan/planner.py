@@ -56,6 +56,12 @@ class PlanRequest:
     """Only layouts with this ZeRO stage [default: search 0-3]."""
     tensor_parallel: int | None = None
     """Only layouts with this tensor-parallel degree [default: search the divisors of the devices per node]."""
+    attention: str | None = None
+    """Sparse attention of the laid-out model (dense, local, bigbird) [default: the preset's, dense]."""
+    attention_window: int | None = None
+    attention_global: int | None = None
+    attention_random: int | None = None
+    attention_block: int | None = None
     top: int = 8
     slurm_profile: str | None = None
     """Cluster profile for --emit-slurm [default: "default" for GPUs, "cpu" for CPUs]."""
@@ -110,6 +116,10 @@ def default_global_batch(cluster: Cluster, seq_len: int) -> int:
         return DEFAULT_CPU_SEQS_PER_RANK * cluster.world
     seqs = max(1, DEFAULT_BATCH_TOKENS // seq_len)
     return -(-seqs // cluster.world) * cluster.world
+
+
+#: PlanRequest fields that pass to the model's sparse-attention configuration
+ATTENTION_FIELDS = ("attention", "attention_window", "attention_global", "attention_random", "attention_block")
 
 
 def slurm_train_args(layout: Layout, cluster: Cluster, model: str, seq_len: int, precision: str,
@@ -181,6 +191,14 @@ def make_plan(req: PlanRequest) -> dict:
     # ---- the preset we lay out and its token budget
     name = req.model or nearest_preset(opt.params, presets)
     cfg = presets[name]
+    sparse = {k: getattr(req, k) for k in ATTENTION_FIELDS if getattr(req, k, None) is not None}
+    if sparse:  # the memory and time models count the keys the pattern attends to
+        from dataclasses import replace
+
+        try:
+            cfg = replace(cfg, **sparse)
+        except ValueError as e:
+            raise HpcllmError(f"--attention: {e}") from None
     n_preset = float(param_count(cfg))
     # the preset trains on its own compute-optimal tokens (with --tokens: those tokens);
     # what the whole budget would buy is reported beside it
@@ -227,6 +245,8 @@ def make_plan(req: PlanRequest) -> dict:
         profile = req.slurm_profile or ("cpu" if device.kind == "cpu" else "default")
         slurm = slurm_train_args(best, cluster, name, cfg.seq_len, req.precision, steps,
                                  req.data or "DATA_DIR", req.out, profile)
+        for k, v in sparse.items():
+            slurm += ["--" + k.replace("_", "-"), str(v)]
     hours = steps * best.time.total / 3600.0 if best else None
     return {
         "method": req.method,

@@ -177,3 +177,18 @@ def test_bad_toml_profile_is_one_line_error(tmp_path):
     r = run_subprocess("plan", "--params", "1B", "--device", bad)  # the console script, fresh process
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "memory_gb" in r.stderr
+
+
+def test_sparse_attention_and_tensor_parallel_in_the_plan(plan_json, hpcllm):
+    """--attention local at 16k: the time model counts the attended keys (a faster step than
+    dense), and the emitted command trains that model; --tensor-parallel fixes T."""
+    args = ["--model", "1.3B", "--seq-len", "16384", "--device", "h100", "--nodes", "1", "--global-batch", "32"]
+    dense = plan_json(*args)
+    local = plan_json(*args, "--attention", "local", "--attention-window", "256")
+    assert local["recommended"]["time"]["total"] < 0.7 * dense["recommended"]["time"]["total"]
+    cmd = local["slurm_command"]
+    assert cmd[cmd.index("--attention") + 1] == "local" and cmd[cmd.index("--attention-window") + 1] == "256"
+    tp = plan_json(*args, "--tensor-parallel", "4")
+    assert all(L["tensor_parallel"] == 4 for L in tp["layouts"])
+    r = hpcllm("plan", *args, "--attention", "local", "--attention-random", "2")
+    assert r.returncode == 2 and "bigbird" in r.stderr
