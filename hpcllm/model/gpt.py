@@ -213,7 +213,13 @@ def preset(name: str, **overrides) -> GPTConfig:
     """A preset's config with some fields replaced (None values are ignored)."""
     if name not in PRESETS:
         raise KeyError(name)
-    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
+    base = PRESETS[name]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if "n_head" in changes and "n_kv_head" not in changes:
+        # a new head count keeps the preset's grouping where it divides (plain attention: n_kv_head = n_head)
+        group = base.n_head // base.n_kv_head
+        changes["n_kv_head"] = changes["n_head"] // group if changes["n_head"] % group == 0 else changes["n_head"]
+    return replace(base, **changes)
 
 
 # --------------------------------------------------------------------------- counting
