@@ -7,7 +7,11 @@ Same model, batch and precision (fp32, micro-batch 4, accumulation 1) in every c
 - **hpcllm T=1, 1 thread** (``--threads 1``) and **T=1, 2 threads** (``--threads 2``): one
   process, the same two cores' worth of hardware as two ranks in the second case;
 - **hpcllm T=2** (``mpirun -np 2 ... --tensor-parallel 2``, 1 thread per rank) and **T=2 SP**
-  (``--sequence-parallel`` as well);
+  (``--sequence-parallel`` as well), both with the default ``--tp-backend auto``: Horovod is
+  started beside MPI, both backends time an all-reduce at startup and the faster is kept
+  (column ``coll.``: the kept round's choice; every run's choice and startup timings are in
+  the JSON); **T=2 mpi4py** (``--tp-backend mpi4py``: mpi4py without starting Horovod, so no
+  Horovod background thread cycles beside the compute);
 - **DTensor T=2**: PyTorch's ``torch.distributed.tensor.parallel`` (``ColwiseParallel`` on
   ``attn.qkv`` / ``mlp.fc``, ``RowwiseParallel`` on ``attn.proj`` / ``mlp.proj``) over gloo, 2
   ranks x 1 thread, on hpcllm's own GPT with the same initialisation, batches, AdamW, learning
@@ -26,8 +30,9 @@ its fastest round. ``step ms`` = median step time over the steps after the first
 barrier); ``tokens/s`` = micro-batch x seq_len over it; ``vs 1t`` / ``vs 2t`` = T=1's
 (1 thread / 2 threads) step time over this one's (> 1: faster); ``comm`` = the step's share in
 tensor-parallel collectives: hpcllm rank 0's ``comm_s.tensor_parallel_s`` over
-``step_time_s`` (median over the same steps; sequence parallel adds its once-per-step
-gradient sum, ``comm_s.allreduce_s``); DTensor: the main thread's time in collective ops over
+``step_time_s`` (median over the same steps; plus ``comm_s.allreduce_s`` where the trainer
+records one: with one data-parallel replica it does not, so sequence parallelism's
+once-per-step gradient sum is not counted); DTensor: the main thread's time in collective ops over
 the wall time of 2 extra steps run under ``torch.profiler`` (the profiler's overhead is in
 the denominator too). Blocking collectives include waiting for the other rank, so
 ``comm`` is the time the step stood in them, not wire time. ``state MiB`` = model state per
@@ -35,13 +40,15 @@ rank (parameters + gradients + AdamW states at the first optimizer step, distinc
 the trainer's ``model_state_bytes``; DTensor: the same count over its local shards),
 ``vs T=1`` its ratio to T=1's (goal at T=2: <= 0.55); ``RSS MiB`` = the busiest rank's peak
 resident set (the runtime's ~300-400 MiB included); ``vs DTensor`` = DTensor's step time over
-hpcllm's (goal at T=2: > 1, hpcllm faster).
+hpcllm's (goal at T=2: > 1, hpcllm faster). Each run also records the CPU the machine
+spent outside this benchmark's processes during it (``foreign_cpu_per_s``, cores; the
+summary prints the kept rounds' maximum: above 0.2 another job shared the cores).
 
 A second table: the blocking all-reduce latency between the 2 ranks at the block's message
 sizes (64 KiB, 1 MiB and each shape's activation, micro-batch x seq x d x 4 bytes) through
-mpi4py, Horovod (global process set, hpcllm's CPU settings; waited by ``hvd.synchronize`` and
-by hpcllm's polling) and gloo, on idle cores: the measurement behind hpcllm's choice of
-mpi4py for tensor parallelism on CPUs.
+mpi4py (before Horovod starts, and again while it runs), Horovod (global process set,
+hpcllm's CPU settings; waited by ``hvd.synchronize`` and by hpcllm's polling) and gloo, on
+idle cores: the candidates ``--tp-backend auto`` chooses between.
 
 Prints both tables, writes benchmarks/results/tensor_parallel.json (``--quick``: a small
 shape, 4 steps, one round, written to the temporary directory instead).
@@ -52,6 +59,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -76,9 +84,12 @@ LR, WARMUP = 6e-4, 2
 CASES = [("T=1 1 thread", 1, 1, []), ("T=1 2 threads", 1, 2, []),
          ("T=2", 2, 1, ["--tensor-parallel", "2"]),
          ("T=2 SP", 2, 1, ["--tensor-parallel", "2", "--sequence-parallel"]),
+         ("T=2 mpi4py", 2, 1, ["--tensor-parallel", "2", "--tp-backend", "mpi4py"]),
          ("DTensor T=2", 2, 1, None)]
 BASE, BASE2 = "T=1 1 thread", "T=1 2 threads"
 ALLREDUCE_SIZES = [64 * 1024, 1024 * 1024]
+#: the all-reduce table's columns (the worker's names)
+BACKENDS = ("mpi4py", "mpi4py_with_horovod", "horovod", "horovod_poll", "gloo")
 MiB = 1024 ** 2
 STATE_GOAL, SPEED_GOAL = 0.55, 1.0
 
@@ -146,13 +157,18 @@ def children_cpu_s() -> float:
 LAST_FOREIGN = [0.0]
 
 
-def run(cmd: list[str], e: dict, what: str) -> None:
+def run(cmd: list[str], e: dict, what: str) -> str:
     b0, c0, t0 = busy_cpu_s(), children_cpu_s(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=e, timeout=900)
     wall = time.perf_counter() - t0
     LAST_FOREIGN[0] = max(0.0, (busy_cpu_s() - b0) - (children_cpu_s() - c0)) / wall
     if r.returncode != 0:
         raise SystemExit(f"{what} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+#: the trainer's log line naming the tensor-parallel backend and its startup measurement
+BACKEND_LINE = re.compile(r"collectives over (\w+) \((as asked|the faster): all-reduce of (\d+) KiB ([^)]*)\)")
 
 
 def run_hpcllm(data: Path, work: Path, shape: dict, ranks: int, threads: int, flags: list[str], steps: int) -> dict:
@@ -162,7 +178,8 @@ def run_hpcllm(data: Path, work: Path, shape: dict, ranks: int, threads: int, fl
         "--micro-batch", str(MICRO_BATCH), "--accum", "1", "--steps", str(steps), "--log-every", "1",
         "--eval-every", "0", "--ckpt-every", "0", "--warmup", str(WARMUP), "--lr", str(LR), "--seed", str(SEED),
         "--threads", str(threads), "--precision", "fp32", *flags]
-    run(cmd, env(threads), f"hpcllm {' '.join(flags) or 'T=1'} ({ranks} ranks x {threads} threads)")
+    log = run(cmd, env(threads), f"hpcllm {' '.join(flags) or 'T=1'} ({ranks} ranks x {threads} threads)")
+    backend = BACKEND_LINE.search(log)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     recs = [x for x in recs if "step_time_s" in x]
     shutil.rmtree(out, ignore_errors=True)
@@ -176,7 +193,10 @@ def run_hpcllm(data: Path, work: Path, shape: dict, ranks: int, threads: int, fl
             "tensor_parallel_s": statistics.median(tp_s), "allreduce_s": statistics.median(other_s),
             "losses": [x["loss"] for x in recs],
             "model_state_bytes": last["model_state_bytes"], "peak_rss_bytes": last["peak_mem_bytes"],
-            "start_rss_bytes": last["start_mem_bytes"]}
+            "start_rss_bytes": last["start_mem_bytes"],
+            "tp_backend": backend.group(1) if backend else None,
+            "tp_backend_startup_ms": ({k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+) ms", backend.group(4))}
+                                      if backend else None)}
 
 
 def run_dtensor(data: Path, work: Path, shape: dict, steps: int) -> dict:
@@ -191,7 +211,7 @@ def run_dtensor(data: Path, work: Path, shape: dict, steps: int) -> dict:
             "profiled_comm_s": r["profiled_comm_s"], "profiled_step_s": r["profiled_step_s"],
             "losses": r["losses"], "fused_adamw": r["fused_adamw"],
             "model_state_bytes": r["model_state_bytes"], "peak_rss_bytes": r["peak_rss_bytes"],
-            "start_rss_bytes": r["start_rss_bytes"]}
+            "start_rss_bytes": r["start_rss_bytes"], "tp_backend": "gloo"}
 
 
 def run_allreduce(work: Path, sizes: list[int], iters: int) -> list[dict]:
@@ -289,6 +309,14 @@ def main(argv=None) -> int:
                        "state_vs_t1": max(m["model_state_bytes"]) / max(base["model_state_bytes"])}
                 if flags is not None and ranks == 2:
                     row["vs_dtensor"] = dt["step_s"] / m["step_s"]
+                if flags is not None and ranks == 2 and "--sequence-parallel" not in flags:
+                    # 2 all-reduces forward and 2 backward per block (the tests count them), the
+                    # embedding's forward, the head input's backward, the loss's 2 (max; target
+                    # logit and sum of exponentials): the step's all-reduces, against their
+                    # latency on idle cores in the second table
+                    n = 4 * SHAPES[sname]["n_layer"] + 4
+                    row["allreduces_per_step"] = n
+                    row["tp_s_per_allreduce"] = m["tensor_parallel_s"] / n
                 results["runs"].append(row)
         results["allreduce"]["results"] = list(best_ar.values())
     finally:
@@ -319,22 +347,22 @@ def goals(results: dict) -> list[dict]:
 def report(results: dict, out_path: Path) -> int:
     rows = []
     for r in results["runs"]:
-        rows.append([r["shape"], r["case"], f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:.0f}",
+        rows.append([r["shape"], r["case"], r.get("tp_backend") or "-", f"{r['step_s'] * 1e3:.0f}", f"{r['tokens_per_s']:.0f}",
                      f"{r['vs_t1_1thread']:.2f}", f"{r['vs_t1_2threads']:.2f}",
                      "-" if r["ranks"] == 1 else f"{r['comm_share']:.0%}" + (" (prof.)" if r["impl"] == "DTensor" else ""),
                      f"{max(r['model_state_bytes']) / MiB:.1f}", f"{r['state_vs_t1']:.3f}",
                      f"{max(r['peak_rss_bytes']) / MiB:.0f}",
                      f"{r['vs_dtensor']:.2f}" if "vs_dtensor" in r else "-"])
-    text = table(rows, ["shape", "case", "step ms", "tokens/s", "vs 1t", "vs 2t", "comm", "state MiB",
-                        "vs T=1", "RSS MiB", "vs DTensor"])
+    text = table(rows, ["shape", "case", "coll.", "step ms", "tokens/s", "vs 1t", "vs 2t", "comm", "state MiB",
+                        "vs T=1", "RSS MiB", "vs DTensor"], left=3)
     ar = {(r["bytes"], r["backend"]): r for r in results["allreduce"].get("results", [])}
     ar_rows = []
     for nbytes in sorted({b for b, _ in ar}):
-        g = lambda k: ar[(nbytes, k)]["median_s"] * 1e3  # noqa: E731
-        ar_rows.append([f"{nbytes / 1024:.0f} KiB", f"{g('mpi4py'):.3f}", f"{g('horovod'):.3f}",
-                        f"{g('horovod_poll'):.3f}", f"{g('gloo'):.3f}", f"{g('horovod_poll') / g('mpi4py'):.1f}x"])
-    ar_text = table(ar_rows, ["size", "mpi4py ms", "horovod ms", "horovod+poll ms", "gloo ms", "hvd+poll/mpi4py"],
-                    left=1)
+        ms = {k: ar[(nbytes, k)]["median_s"] * 1e3 for k in BACKENDS}
+        ar_rows.append([f"{nbytes / 1024:.0f} KiB", *(f"{ms[k]:.3f}" for k in BACKENDS),
+                        f"{min(ms['horovod'], ms['horovod_poll']) / ms['mpi4py']:.1f}x"])
+    ar_text = table(ar_rows, ["size", "mpi4py ms", "mpi4py (Horovod up) ms", "horovod ms", "horovod+poll ms",
+                              "gloo ms", "horovod/mpi4py"], left=1)
     goal_text = "\n".join(f"{'met   ' if g['met'] else 'MISSED'}  {g['goal']}: {g['value']:.4g}"
                           for g in results["goals"])
     foreign = max([r.get("foreign_cpu_per_s", 0.0) for r in results["runs"]]

@@ -22,7 +22,8 @@ the main thread's time inside the collective ops (DTensor's functional all-reduc
 waits and the clipping all-reduce) over those steps' wall time is its communication share.
 
 ``allreduce``: the latency of a blocking in-place sum all-reduce of fp32 buffers between the
-2 ranks at the given sizes through mpi4py (``Comm.Allreduce``, as hpcllm's TP uses it), Horovod
+2 ranks at the given sizes through mpi4py (``Comm.Allreduce``, as hpcllm's TP uses it; first
+before Horovod starts, then again while Horovod's background thread runs), Horovod
 (``horovod.torch``, global process set, with ``HOROVOD_*`` and Open MPI settings as hpcllm
 applies them on CPUs: :func:`hpcllm.parallel.data_parallel.horovod_env` / ``mpi_env``),
 waited two ways (``hvd.synchronize`` and hpcllm's polling ``wait_handle``), and gloo
@@ -36,7 +37,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -190,11 +190,11 @@ def dtensor(cfgj: dict, out: str) -> None:
     dist.all_gather_object(per_rank, (peak, start_rss, state_bytes, comm_s, wall_s))
     if rank == 0:
         per_step = [max(float(a[i]) for a in all_times) for i in range(steps)]
-        json.dump({"step_times_s": per_step, "losses": losses, "fused_adamw": fused,
-                   "peak_rss_bytes": [r[0] for r in per_rank], "start_rss_bytes": [r[1] for r in per_rank],
-                   "model_state_bytes": [r[2] for r in per_rank],
-                   "profiled_comm_s": [r[3] for r in per_rank], "profiled_step_s": [r[4] for r in per_rank]},
-                  open(out, "w"))
+        Path(out).write_text(json.dumps({
+            "step_times_s": per_step, "losses": losses, "fused_adamw": fused,
+            "peak_rss_bytes": [r[0] for r in per_rank], "start_rss_bytes": [r[1] for r in per_rank],
+            "model_state_bytes": [r[2] for r in per_rank],
+            "profiled_comm_s": [r[3] for r in per_rank], "profiled_step_s": [r[4] for r in per_rank]}))
     dist.barrier()
     os._exit(0)  # gloo's teardown at interpreter exit aborts (terminate called without an active exception)
 
@@ -213,6 +213,31 @@ def allreduce(cfgj: dict, out: str) -> None:
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     rank, world = comm.Get_rank(), comm.Get_size()
+    results = []
+
+    def measure(backends: dict) -> None:
+        for nbytes in cfgj["sizes"]:
+            for name, op in backends.items():
+                t = torch.ones(nbytes // 4, dtype=torch.float32)
+                for _ in range(cfgj["warmup"]):
+                    op(t)
+                times = []
+                for _ in range(cfgj["iters"]):
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    op(t)
+                    times.append(time.perf_counter() - t0)
+                slowest = np.max(np.array(comm.allgather(times)), axis=0)
+                q = np.percentile(slowest, [10, 50, 90])
+                results.append({"bytes": nbytes, "backend": name, "median_s": float(q[1]), "p10_s": float(q[0]),
+                                "p90_s": float(q[2]), "mean_s": float(slowest.mean())})
+
+    def mpi_op(t):
+        comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
+
+    # mpi4py first alone (as with --tp-backend mpi4py), then again once Horovod runs (its
+    # background thread negotiates every HOROVOD_CYCLE_TIME ms, as under --tp-backend auto)
+    measure({"mpi4py": mpi_op})
     import horovod.torch as hvd
 
     hvd.init()
@@ -220,9 +245,6 @@ def allreduce(cfgj: dict, out: str) -> None:
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from hpcllm.parallel.data_parallel import wait_handle
-
-    def mpi_op(t):
-        comm.Allreduce(MPI.IN_PLACE, t.numpy(), op=MPI.SUM)
 
     def hvd_sync(t):
         hvd.allreduce_(t, op=hvd.Sum, name="bench")
@@ -235,28 +257,11 @@ def allreduce(cfgj: dict, out: str) -> None:
     def gloo_op(t):
         dist.all_reduce(t)
 
-    backends = {"mpi4py": mpi_op, "horovod": hvd_sync, "horovod_poll": hvd_poll, "gloo": gloo_op}
-    results = []
-    for nbytes in cfgj["sizes"]:
-        for name, op in backends.items():
-            t = torch.ones(nbytes // 4, dtype=torch.float32)
-            for _ in range(cfgj["warmup"]):
-                op(t)
-            times = []
-            for _ in range(cfgj["iters"]):
-                comm.Barrier()
-                t0 = time.perf_counter()
-                op(t)
-                times.append(time.perf_counter() - t0)
-            slowest = np.max(np.array(comm.allgather(times)), axis=0)
-            q = np.percentile(slowest, [10, 50, 90])
-            results.append({"bytes": nbytes, "backend": name, "median_s": float(q[1]), "p10_s": float(q[0]),
-                            "p90_s": float(q[2]), "mean_s": float(slowest.mean())})
+    measure({"mpi4py_with_horovod": mpi_op, "horovod": hvd_sync, "horovod_poll": hvd_poll, "gloo": gloo_op})
     if rank == 0:
-        json.dump({"results": results, "horovod_env": {k: v for k, v in os.environ.items()
-                                                       if k.startswith("HOROVOD_")},
-                   "mpi_env": {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")}},
-                  open(out, "w"))
+        Path(out).write_text(json.dumps({
+            "results": results, "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
+            "mpi_env": {k: v for k, v in os.environ.items() if k.startswith("OMPI_MCA_")}}))
     comm.Barrier()
     hvd.shutdown()
     MPI.Finalize()
