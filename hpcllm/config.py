@@ -84,6 +84,20 @@ class ModelConfig:
     attention_block: Optional[int] = opt(None, "local/bigbird: block size of the sparse kernel and of the random "
                                          "blocks [default: 64].", range=AT_LEAST_1)
     attention_seed: Optional[int] = opt(None, "bigbird: seed of the random blocks [default: 0].", range=NON_NEGATIVE)
+    moe_experts: Optional[int] = opt(None, "Mixture of experts: expert MLPs per mixture block, each token routed to "
+                                     "--moe-top-k of them [default: 0, dense MLPs].", range=NON_NEGATIVE)
+    moe_top_k: Optional[int] = opt(None, "Experts per token: 1 (Switch) or 2 (GShard; the two gates renormalised) "
+                                   "[default: 1].", range=Range(1, 2))
+    moe_every: Optional[int] = opt(None, "Every Nth block is a mixture, the others dense: block i when (i+1) % N "
+                                   "== 0 [default: 1, every block].", range=AT_LEAST_1)
+    moe_capacity_factor: Optional[float] = opt(None, "Assignments an expert takes per micro-batch: ceil(C x tokens x "
+                                               "top-k / experts), the rest dropped (first choices, then earlier "
+                                               "tokens, kept first); 0 = dropless [default: 0]. Training only: "
+                                               "evaluation and generation never drop.", range=NON_NEGATIVE)
+    moe_aux_loss_coef: Optional[float] = opt(None, "Weight of the load-balancing loss E x sum_i f_i x P_i "
+                                             "[default: 0.01].", range=NON_NEGATIVE)
+    moe_z_loss_coef: Optional[float] = opt(None, "Weight of the router z-loss mean(logsumexp(logits)^2) "
+                                           "[default: 0, off].", range=NON_NEGATIVE)
 
 
 @dataclass
@@ -156,6 +170,13 @@ class ParallelConfig:
     tp_backend: str = opt("auto", "Tensor-parallel collectives: auto (both measured at the block's message size at "
                           "startup, the faster kept, named in the run log), mpi4py, or horovod.",
                           choices=("auto", "mpi4py", "horovod"))
+    expert_parallel: int = opt(1, "Split each mixture's experts over this many data-parallel ranks (must divide "
+                               "the replicas and --moe-experts): tokens travel to their experts' ranks and back by "
+                               "all-to-all; each rank still reads its own batch.", range=AT_LEAST_1)
+    ep_backend: str = opt("auto", "Expert-parallel token all-to-all: auto (both measured at one micro-batch's "
+                          "message size at startup, the faster kept, named in the run log), horovod "
+                          "(hvd.alltoall with splits in the expert group's process set) or mpi4py (Alltoallv).",
+                          choices=("auto", "horovod", "mpi4py"))
     sequence_parallel: bool = opt(False, "With --tensor-parallel: norms, residuals and dropout-free regions on "
                                   "sequence chunks (each rank 1/T of those activations); all-gather / reduce-scatter "
                                   "instead of the all-reduces. --seq-len must be divisible by T.")
@@ -454,6 +475,20 @@ def validate(cfg: TrainConfig) -> None:
     need(not (p.zero_stage == 3 and p.pipeline_stages > 1),
          f"--zero-stage 3 does not combine with --pipeline-stages {p.pipeline_stages} (each stage's parameters "
          "would be gathered once per micro-batch); use --zero-stage 1 or 2 with stages")
+    if not cfg.model.moe_experts:
+        given = [f"--{k.replace('_', '-')}" for k in ("moe_top_k", "moe_every", "moe_capacity_factor",
+                                                      "moe_aux_loss_coef", "moe_z_loss_coef")
+                 if getattr(cfg.model, k) is not None]
+        need(not given, f"{', '.join(given)}: mixture-of-experts options need --moe-experts E (>= 1)")
+    if p.expert_parallel > 1:
+        need(bool(cfg.model.moe_experts), f"--expert-parallel {p.expert_parallel} splits the experts of a mixture "
+             "of experts: give --moe-experts")
+        need(p.zero_stage == 0, f"--expert-parallel {p.expert_parallel} does not combine with --zero-stage "
+             f"{p.zero_stage} yet (ZeRO shards over the data-parallel ranks, which hold different experts)")
+        need(p.tensor_parallel == 1, f"--expert-parallel {p.expert_parallel} does not combine with "
+             f"--tensor-parallel {p.tensor_parallel} yet")
+    elif is_given(cfg, "parallel.ep_backend"):
+        need(False, "--ep-backend applies to expert parallelism only (--expert-parallel > 1)")
     need(not (p.sequence_parallel and p.tensor_parallel == 1),
          "--sequence-parallel applies to tensor parallelism only (--tensor-parallel > 1)")
     need(p.stall_shutdown_s >= p.stall_check_s,
@@ -479,7 +514,10 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
                  "pos_emb": mcfg.pos_emb, "n_kv_head": getattr(mcfg, "n_kv_head", None),
                  "tie_embeddings": getattr(mcfg, "tie_embeddings", None), "ffn_dim": getattr(mcfg, "ffn_dim", None)}
     overrides.update({f: getattr(mcfg, f, None) for f in ("attention", "attention_window", "attention_global",
-                                                          "attention_random", "attention_block", "attention_seed")})
+                                                          "attention_random", "attention_block", "attention_seed",
+                                                          "moe_experts", "moe_top_k", "moe_every",
+                                                          "moe_capacity_factor", "moe_aux_loss_coef",
+                                                          "moe_z_loss_coef")})
     changes.update({k: v for k, v in overrides.items() if v is not None})
     if mcfg.n_head is not None and getattr(mcfg, "n_kv_head", None) is None:
         # the preset's grouping (n_head / n_kv_head) kept for a new head count when it divides
@@ -495,6 +533,10 @@ def resolve_model(mcfg: ModelConfig, vocab_size: int):
         if "n_kv_head" in msg and "does not divide" in msg:
             msg = (f"--n-kv-head {changes.get('n_kv_head', base.n_kv_head)} does not divide "
                    f"--n-head {changes.get('n_head', base.n_head)}")
+        if msg.startswith("moe_"):  # name the flag
+            flag, _, rest = msg.partition(" ")
+            msg = f"--{flag.replace('_', '-')} {rest}".replace("moe_every", "--moe-every").replace(
+                "moe_top_k", "--moe-top-k")
         if msg.startswith("attention"):  # the sparse attention options: name the flags
             msg = msg.replace("attention_", "--attention-").replace("attention local", "--attention local") \
                 .replace("need attention bigbird", "need --attention bigbird")

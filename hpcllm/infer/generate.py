@@ -235,17 +235,22 @@ def _load_checkpoint_tokenizer(ckpt: Path, config: dict, trainer: dict) -> Any:
     return tok
 
 
-def _build_model(model_config: dict, state: dict, where: Path) -> torch.nn.Module:
-    from hpcllm.model.gpt import GPT, GPTConfig
-
-    from hpcllm.schema import validate
+def _gpt_config(model_config: dict, where: Path):
+    """The GPTConfig of a checkpoint's or export's model section, checked (one line otherwise)."""
+    from hpcllm.model.gpt import GPTConfig
     from hpcllm.train.checkpoint import CONFIG_SCHEMA
 
     validate(model_config, CONFIG_SCHEMA["model"], str(where), "model")
     try:
-        cfg = GPTConfig(**model_config)
+        return GPTConfig(**model_config)
     except (TypeError, ValueError) as e:
         raise HpcllmError(f"{where}: model configuration does not match this hpcllm version: {e}") from None
+
+
+def _build_model(model_config: dict, state: dict, where: Path) -> torch.nn.Module:
+    from hpcllm.model.gpt import GPT
+
+    cfg = _gpt_config(model_config, where)
     # the shapes first, on the meta device (no memory): a damaged config cannot allocate
     with torch.device("meta"):
         ref = GPT(cfg, init_seed=None).state_dict()
@@ -272,14 +277,9 @@ def _build_quantized_model(model_config: dict, state: dict, where: Path) -> torc
     """The INT8 model of an ``export --int8`` file: built on the meta device, quantized (shapes
     only) and then given the file's tensors, so the fp32 weights never exist in memory."""
     from hpcllm.infer import quantize
-    from hpcllm.model.gpt import GPT, GPTConfig
-    from hpcllm.train.checkpoint import CONFIG_SCHEMA
+    from hpcllm.model.gpt import GPT
 
-    validate(model_config, CONFIG_SCHEMA["model"], str(where), "model")
-    try:
-        cfg = GPTConfig(**model_config)
-    except (TypeError, ValueError) as e:
-        raise HpcllmError(f"{where}: model configuration does not match this hpcllm version: {e}") from None
+    cfg = _gpt_config(model_config, where)
     with torch.device("meta"):
         model = quantize.quantize_int8(GPT(cfg, init_seed=None))
     ref = quantize.quantized_state_dict(model)

@@ -471,7 +471,8 @@ def config_from_hf(path, mcfg=None):
     change it; the other shape flags are refused, they would not fit the weights)."""
     if mcfg is not None:
         given = [f"--{k.replace('_', '-')}" for k in ("n_layer", "n_head", "d_model", "pos_emb", "arch", "n_kv_head",
-                                                      "tie_embeddings", "ffn_dim") if getattr(mcfg, k, None) is not None]
+                                                      "tie_embeddings", "ffn_dim", "moe_experts")
+                 if getattr(mcfg, k, None) is not None]
         if given:
             raise HpcllmError(f"{', '.join(given)}: the model's shape comes from --init-from {path}; "
                               "drop the shape flags (only --seq-len may change)")

@@ -79,6 +79,18 @@ class GPTConfig:
     """local/bigbird: block size of the sparse kernel and of the random blocks."""
     attention_seed: int = 0
     """bigbird: seed of the random blocks (with the layer index and the query block)."""
+    moe_experts: int = 0
+    """Experts of each mixture-of-experts MLP (0: every MLP dense); see :mod:`hpcllm.model.moe`."""
+    moe_top_k: int = 1
+    """Experts per token (1 or 2)."""
+    moe_every: int = 1
+    """Block i is a mixture when (i + 1) % moe_every == 0 (1: every block)."""
+    moe_capacity_factor: float = 0.0
+    """Assignments an expert takes per pass: ceil(C x tokens x k / E), the rest dropped (0: dropless)."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the load-balancing loss E x sum_i f_i P_i."""
+    moe_z_loss_coef: float = 0.0
+    """Weight of the router z-loss (0: off)."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -123,6 +135,22 @@ class GPTConfig:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{f} must be an integer >= {lo}, not {v!r}")
+        for f, lo in (("moe_experts", 0), ("moe_top_k", 1), ("moe_every", 1)):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{f} must be an integer >= {lo}, not {v!r}")
+        for f in ("moe_capacity_factor", "moe_aux_loss_coef", "moe_z_loss_coef"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{f} must be a finite number >= 0, not {v!r}")
+        if self.moe_experts:
+            if self.moe_top_k not in (1, 2):
+                raise ValueError(f"moe_top_k must be 1 or 2, not {self.moe_top_k}")
+            if self.moe_top_k > self.moe_experts:
+                raise ValueError(f"moe_top_k {self.moe_top_k} is more than the {self.moe_experts} experts")
+            if self.moe_every > self.n_layer:
+                raise ValueError(f"moe_every {self.moe_every} is more than the {self.n_layer} layers (no block "
+                                 "would be a mixture)")
         if self.attention == "local" and (self.attention_global or self.attention_random):
             raise ValueError("attention local is the window only: global tokens and random blocks need "
                              "attention bigbird")
@@ -225,25 +253,46 @@ def preset(name: str, **overrides) -> GPTConfig:
 # --------------------------------------------------------------------------- counting
 
 
-def _block_matmul_weights(cfg: GPTConfig) -> int:
-    d, h, qkv = cfg.d_model, cfg.hidden_dim, cfg.d_model + 2 * cfg.kv_dim
-    mlp = 3 * d * h if cfg.arch == "llama" else 2 * d * h
+def _mlp_weights(cfg: GPTConfig) -> int:
+    return (3 if cfg.arch == "llama" else 2) * cfg.d_model * cfg.hidden_dim
+
+
+def _mlp_params(cfg: GPTConfig) -> int:
+    return _mlp_weights(cfg) + ((cfg.hidden_dim + cfg.d_model) if cfg.bias else 0)
+
+
+def _block_matmul_weights(cfg: GPTConfig, layer: int | None = None, active: bool = True) -> int:
+    """Matmul weights of block ``layer`` (None: a dense block); a mixture counts its router and
+    the k experts a token uses (``active``) or all E."""
+    d, qkv = cfg.d_model, cfg.d_model + 2 * cfg.kv_dim
+    mlp = _mlp_weights(cfg)
+    if layer is not None and _is_moe(cfg, layer):
+        mlp = mlp * (cfg.moe_top_k if active else cfg.moe_experts) + d * cfg.moe_experts
     return d * qkv + d * d + mlp
 
 
-def block_param_count(cfg: GPTConfig) -> int:
-    """Parameters of one transformer block."""
-    d, h, qkv = cfg.d_model, cfg.hidden_dim, cfg.d_model + 2 * cfg.kv_dim
-    biases = (qkv + d + h + d) if cfg.bias else 0
-    return 2 * cfg.norm_params + _block_matmul_weights(cfg) + biases
+def _is_moe(cfg: GPTConfig, layer: int) -> bool:
+    return cfg.moe_experts > 0 and (layer + 1) % cfg.moe_every == 0
 
 
-def param_count(cfg: GPTConfig, embeddings: bool = True) -> int:
+def block_param_count(cfg: GPTConfig, layer: int | None = None, active: bool = False) -> int:
+    """Parameters of one transformer block (``layer``: its global index, which tells a mixture
+    of experts from a dense block; ``active``: a mixture's router and the k experts a token uses)."""
+    d, qkv = cfg.d_model, cfg.d_model + 2 * cfg.kv_dim
+    attn = d * qkv + d * d + ((qkv + d) if cfg.bias else 0)
+    mlp = _mlp_params(cfg)
+    if layer is not None and _is_moe(cfg, layer):
+        mlp = mlp * (cfg.moe_top_k if active else cfg.moe_experts) + d * cfg.moe_experts
+    return 2 * cfg.norm_params + attn + mlp
+
+
+def param_count(cfg: GPTConfig, embeddings: bool = True, active: bool = False) -> int:
     """Exact number of parameters of ``GPT(cfg)`` (a tied head counted once).
 
-    With ``embeddings=False``: the non-embedding count (blocks and final norm).
+    With ``embeddings=False``: the non-embedding count (blocks and final norm). With
+    ``active``: the parameters one token uses (a mixture's router and k of its E experts).
     """
-    n = cfg.n_layer * block_param_count(cfg) + cfg.norm_params
+    n = sum(block_param_count(cfg, i, active) for i in range(cfg.n_layer)) + cfg.norm_params
     if embeddings:
         n += cfg.padded_vocab * cfg.d_model * (1 if cfg.tie_embeddings else 2)
         if cfg.pos_emb == "learned":
@@ -268,10 +317,11 @@ def flops_per_token(cfg: GPTConfig) -> int:
     output head (d_model x padded vocab), plus attention scores and weighted values
     (2 x 2 x seq_len x d_model per layer, counted without the causal half-saving; sparse
     attention: 2 x 2 x :func:`attended_keys` x d_model, the keys actually allowed).
-    Embedding lookups, norms, biases, activations and softmax are not counted.
+    Embedding lookups, norms, biases, activations and softmax are not counted. A mixture of
+    experts counts the weights a token uses: its router and k experts (the active parameters).
     """
     d = cfg.d_model
-    matmul_weights = cfg.n_layer * _block_matmul_weights(cfg) + d * cfg.padded_vocab
+    matmul_weights = sum(_block_matmul_weights(cfg, i) for i in range(cfg.n_layer)) + d * cfg.padded_vocab
     if cfg.attention == "dense":
         attention = cfg.n_layer * 2 * cfg.seq_len * d
     else:
@@ -464,7 +514,12 @@ class Block(nn.Module):
         self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = norm(cfg)
-        self.mlp = MLP(cfg)
+        if _is_moe(cfg, layer):
+            from hpcllm.model.moe import MoEMLP
+
+            self.mlp = MoEMLP(cfg, layer)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, kv=None, positions=None):
         x = x + self.attn(self.ln_1(x), kv, positions)
@@ -589,6 +644,7 @@ def init_parameters(named_params, seed: int, n_layer: int) -> None:
         elif len(leaf) >= 2 and leaf[-2].startswith("ln_"):
             p.fill_(1.0)
         else:
-            std = resid_std if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight") else 0.02
+            # residual output projections: attn.proj, mlp.proj and each expert's mlp.experts.N.proj
+            std = resid_std if name.endswith("proj.weight") else 0.02
             g = torch.Generator(device="cpu").manual_seed(_name_seed(seed, name))
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)

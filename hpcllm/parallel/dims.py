@@ -8,9 +8,15 @@ pipeline's stages are the next-closest ranks; the ``dp`` replicas outermost, acr
 
     rank = (dp_index * pp + stage) * tp + tp_index
 
-A new dimension (``tp``, ``ep``, ``zero``) is one more entry in :data:`ORDER` and one more
+A new dimension (``tp``, ``zero``) is one more entry in :data:`ORDER` and one more
 field; :mod:`hpcllm.parallel.groups` builds the communicators of every dimension from
 :meth:`ParallelDims.group_ranks` alone.
+
+Expert parallelism (``ep`` = X) adds no ranks: it divides the data-parallel dimension (as in
+Megatron). The ``dp`` replicas still read their own batches; each block of X consecutive
+data-parallel coordinates is an *expert group* (its ranks hold different experts, ``ep``
+coordinate ``dp % X``), and the ranks holding the same experts across groups form the
+*expert-data-parallel* group (``edp``, coordinate ``dp // X``).
 """
 from __future__ import annotations
 
@@ -29,9 +35,10 @@ class ParallelDims:
     pp: int = 1
     dp: int = 1
     tp: int = 1
+    ep: int = 1
 
     @classmethod
-    def for_world(cls, world: int, pp: int = 1, tp: int = 1) -> "ParallelDims":
+    def for_world(cls, world: int, pp: int = 1, tp: int = 1, ep: int = 1) -> "ParallelDims":
         """The layout for ``world`` ranks with ``pp`` pipeline stages of ``tp`` tensor-parallel
         ranks each (data parallelism takes the rest); raises one clear error per misfit."""
         if pp < 1:
@@ -48,7 +55,13 @@ class ParallelDims:
         if world % part:
             raise HpcllmError(f"{what}: {world} ranks are not a multiple of {part} "
                               f"(world = tensor-parallel x stages x data-parallel replicas)")
-        return cls(pp=pp, dp=world // part, tp=tp)
+        dp = world // part
+        if ep < 1:
+            raise HpcllmError(f"--expert-parallel {ep}: must be >= 1")
+        if dp % ep:
+            raise HpcllmError(f"--expert-parallel {ep}: must divide the {dp} data-parallel replicas "
+                              f"(world {world} / ({what if part > 1 else '1 rank per replica'}))")
+        return cls(pp=pp, dp=dp, tp=tp, ep=ep)
 
     @property
     def world(self) -> int:
@@ -96,9 +109,32 @@ class ParallelDims:
                 out.append(g)
         return out
 
+    def expert_group_ranks(self, rank: int, dim: str = "ep") -> list[int]:
+        """The world ranks of ``rank``'s expert group (``ep``: X consecutive data-parallel
+        coordinates, ordered by expert-parallel rank) or expert-data-parallel group (``edp``)."""
+        c, X = self.coords(rank), self.ep
+        if dim == "ep":
+            base = c["dp"] // X * X
+            return [self.rank_of(**{**c, "dp": base + i}) for i in range(X)]
+        return [self.rank_of(**{**c, "dp": j * X + c["dp"] % X}) for j in range(self.dp // X)]
+
+    def expert_groups(self, dim: str = "ep") -> list[list[int]]:
+        """Every ``ep`` (or ``edp``) group, in the same order on every rank."""
+        seen, out = set(), []
+        for r in range(self.world):
+            g = self.expert_group_ranks(r, dim)
+            if g[0] not in seen:
+                seen.add(g[0])
+                out.append(g)
+        return out
+
     def describe(self) -> str:
-        return " x ".join(f"{d}={getattr(self, d)}" for d in reversed(ORDER) if d != "tp" or self.tp > 1)
+        return " x ".join(f"{d}={getattr(self, d)}" for d in reversed(ORDER) if d != "tp" or self.tp > 1) \
+            + (f" (ep={self.ep} within dp)" if self.ep > 1 else "")
 
     def to_dict(self) -> dict:
-        # tp only when used: layouts written before tensor parallelism read the same
-        return {d: n for d, n in self.degrees().items() if d != "tp" or n > 1}
+        # tp and ep only when used: layouts written before them read the same
+        out = {d: n for d, n in self.degrees().items() if d != "tp" or n > 1}
+        if self.ep > 1:
+            out["ep"] = self.ep
+        return out

@@ -21,6 +21,11 @@ them the layout's gradients:
    data-parallel replicas contributes ``1/D`` on each, the last stage's copy of the tied
    matrix contributes nothing. (A sharded parameter, later, contributes its shard.)
 
+Expert parallelism (X ranks per expert group): an expert's gradient already holds every
+token of its group, so it is **summed** over the expert-data-parallel group (the D/X ranks
+holding the same experts, process set ``edp``) and divided by D (Horovod ``Sum`` with a
+post-scale; no collective when D = X); in the norm it counts X/D on each of those ranks.
+
 A single rank, or a layout without replicas, starts no Horovod collective at all. The
 per-parameter ``_start`` is where a sharded optimizer's reduce-scatter plugs in.
 """
@@ -30,6 +35,21 @@ import contextlib
 import time
 
 import torch
+
+
+def sum_over(comm, grads) -> None:
+    """Replace each of ``grads`` by its sum over the mpi4py communicator ``comm``: one
+    all-reduce of one flat fp32 buffer (sequence parallelism's once-per-step gradient sum)."""
+    if not grads:
+        return
+    from mpi4py import MPI
+
+    flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
+    comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+    o = 0
+    for g in grads:
+        g.copy_(flat[o:o + g.numel()].view_as(g))
+        o += g.numel()
 
 
 def squares(grads) -> float:
@@ -81,7 +101,7 @@ class GradSync:
     matrix shared with another stage (summed over ``groups.tie``), or None."""
 
     def __init__(self, named_params, groups, compression: str = "none", tied: str | None = None,
-                 tp_replicated=frozenset(), tp_partial: bool = False):
+                 tp_replicated=frozenset(), tp_partial: bool = False, expert_names=frozenset()):
         self.params = [(n, p) for n, p in named_params if p.requires_grad]
         self.groups = groups
         self.dp_size = groups.dims.dp
@@ -90,6 +110,10 @@ class GradSync:
         #: sequence parallelism: each tensor-parallel rank holds only its sequence chunk's
         #: share of those parameters' gradients; finish() sums them over the group
         self.tp_partial = tp_partial
+        #: expert parallelism: this rank's expert parameters, and their group of replicas
+        self.expert_names = set(expert_names)
+        self.ep_size = groups.dims.ep
+        self.edp_set = groups.process_set.get("edp")
         self.tied = tied if groups.tie is not None else None
         self.tied_param = dict(self.params).get(self.tied) if self.tied else None
         #: names whose gradient is a duplicate of one counted elsewhere (norm counts it once)
@@ -99,6 +123,8 @@ class GradSync:
         self.compression = None
         #: in flight this step: name -> (handle, parameter, tensor on the wire, compression ctx)
         self.inflight: dict = {}
+        #: expert gradients already divided by D this step (no collective: D = X)
+        self.scaled: set = set()
         self.armed = False
         #: of the last step: allreduces started inside the last backward, of those the ones
         #: already complete when it ended, all started, and seconds :meth:`finish` waited
@@ -135,9 +161,19 @@ class GradSync:
         if name in self.inflight:  # a second accumulation after the allreduce began
             raise RuntimeError(f"gradient of {name} accumulated twice in the last backward pass")
         g = p.grad
+        if name in self.expert_names and self.edp_set is None:  # D = X: nobody else holds these experts
+            if name in self.scaled:
+                raise RuntimeError(f"gradient of {name} accumulated twice in the last backward pass")
+            g.mul_(1.0 / self.dp_size)
+            self.scaled.add(name)
+            return
         wire, ctx = self.compression.compress(g if g.is_contiguous() else g.contiguous())
-        handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Average,
-                                           process_set=self.process_set)
+        if name in self.expert_names:  # the sum over the expert's replicas, over all D replicas' tokens
+            handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Sum,
+                                               postscale_factor=1.0 / self.dp_size, process_set=self.edp_set)
+        else:
+            handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Average,
+                                               process_set=self.process_set)
         self.inflight[name] = (handle, p, wire, ctx)
 
     # ---- after the backward
@@ -149,7 +185,7 @@ class GradSync:
             from hpcllm.parallel.data_parallel import wait_handle
 
             for name, p in self.params:  # gradients the hooks missed, in the same order everywhere
-                if p.grad is not None and name not in self.inflight:
+                if p.grad is not None and name not in self.inflight and name not in self.scaled:
                     self._start(name, p)
             self.started = len(self.inflight)
             with self.groups.waiting("the data-parallel gradient allreduce"):
@@ -159,6 +195,7 @@ class GradSync:
                     if out is not p.grad:  # compressed or made contiguous: write the average back
                         p.grad.copy_(out)
             self.inflight.clear()
+            self.scaled.clear()
         if self.tied is not None:
             with self.groups.waiting("the tied-embedding gradient sum"):
                 self._sum_tied()
@@ -168,19 +205,9 @@ class GradSync:
         self.wait_s = time.perf_counter() - t0
 
     def _sum_tp_partial(self) -> None:
-        """Sum the replicated parameters' gradients over the tensor-parallel group, in one
-        flat float64-free fp32 buffer (one all-reduce per step)."""
-        from mpi4py import MPI
-
-        grads = [p.grad for n, p in self.params if n in self.tp_replicated and p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
-        self.groups.comm["tp"].Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-        o = 0
-        for g in grads:
-            g.copy_(flat[o:o + g.numel()].view_as(g))
-            o += g.numel()
+        """Sum the replicated parameters' gradients over the tensor-parallel group."""
+        sum_over(self.groups.comm["tp"], [p.grad for n, p in self.params if n in self.tp_replicated
+                                          and p.grad is not None])
 
     def _sum_tied(self) -> None:
         """First and last stage add their copies' gradients, so both hold the whole model's."""
@@ -201,8 +228,11 @@ class GradSync:
         tensor parallelism, shards count whole, parameters every tensor-parallel rank holds
         alike (norms, row biases) 1/T each."""
         grads = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate
-                 and n not in self.tp_replicated]
+                 and n not in self.tp_replicated and n not in self.expert_names]
         total = squares(grads)
+        if self.expert_names:  # distinct across an expert group: each of D/X holders counts X/D
+            experts = [p.grad for n, p in self.params if p.grad is not None and n in self.expert_names]
+            total += squares(experts) * self.ep_size
         if self.tp_replicated:
             rep = [p.grad for n, p in self.params if p.grad is not None and n not in self.duplicate
                    and n in self.tp_replicated]

@@ -10,8 +10,10 @@ For a :class:`~hpcllm.parallel.dims.ParallelDims` layout this builds, on every r
 - ``tie``: first and last stage of this rank's pipeline (None elsewhere and without stages),
   the two holders of the tied embedding matrix;
 - ``process_set[dim]``: the Horovod process set of this rank's group in each dimension that
-  moves gradients (``dp`` today), registered at ``hvd.init()`` (Horovod needs every set
-  known there, the same list on every rank).
+  moves gradients (``dp``), registered at ``hvd.init()`` (Horovod needs every set
+  known there, the same list on every rank);
+- with expert parallelism, ``comm``/``process_set`` ``"ep"`` (the expert group: token
+  all-to-alls) and ``"edp"`` (the ranks holding the same experts: their gradients).
 
 A single process (no launcher) uses neither MPI nor Horovod: every collective is an identity.
 A multi-rank launch without Horovod or mpi4py is an error, never N independent copies.
@@ -69,6 +71,11 @@ class ParallelGroups:
     @property
     def tp_rank(self) -> int:
         return self.coords["tp"]
+
+    @property
+    def ep_rank(self) -> int:
+        """Index within the expert group (which E/X experts this rank holds)."""
+        return self.coords["dp"] % self.dims.ep
 
     @property
     def first_stage(self) -> bool:
@@ -177,7 +184,8 @@ def init_groups(pcfg) -> ParallelGroups:
     than one rank), and build every group of the layout ``pcfg`` asks for."""
     topo = Topology.from_env()
     if topo.world_size == 1:
-        dims = ParallelDims.for_world(1, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1))
+        dims = ParallelDims.for_world(1, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1),
+                                      getattr(pcfg, "expert_parallel", 1))
         g = ParallelGroups(dims)
         set_threads(pcfg, 1)
         return g
@@ -194,7 +202,8 @@ def init_groups(pcfg) -> ParallelGroups:
         raise HpcllmError(f"launched as {topo.world_size} ranks ({topo.launcher}) but MPI reports a world of {size}: "
                           "the launcher and the MPI library mpi4py/Horovod were built with differ "
                           "(use that MPI's mpirun, or srun --mpi=pmix); refusing to train independent copies")
-    dims = ParallelDims.for_world(size, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1))
+    dims = ParallelDims.for_world(size, pcfg.pipeline_stages, getattr(pcfg, "tensor_parallel", 1),
+                                  getattr(pcfg, "expert_parallel", 1))
     local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = local.Get_rank(), local.Get_size()
     local.Free()
@@ -207,6 +216,11 @@ def init_groups(pcfg) -> ParallelGroups:
         c = g.coords
         color = sum(c[d] * (10 ** 6) ** i for i, d in enumerate(x for x in ORDER if x != dim))
         g.comm[dim] = world.Split(color=color, key=c[dim])
+    if dims.ep > 1:  # the expert group and the expert-data-parallel group (both within dp)
+        c = g.coords
+        rest = (c["tp"] + dims.tp * c["pp"]) * dims.dp
+        g.comm["ep"] = world.Split(color=rest + c["dp"] // dims.ep, key=g.ep_rank)
+        g.comm["edp"] = world.Split(color=rest + c["dp"] % dims.ep, key=c["dp"] // dims.ep)
     if dims.pp > 1:
         in_tie = g.first_stage or g.last_stage
         # one pair per (replica, tensor-parallel rank): each holds the same shard of the matrix
@@ -234,7 +248,13 @@ def _init_horovod(pcfg, dims: ParallelDims, g: ParallelGroups):
     except ImportError:
         raise HpcllmError(f"{dims.dp} data-parallel replicas need Horovod (scripts/install.sh builds it)") from None
     wanted = {d: dims.groups(d) for d in HOROVOD_DIMS + HOROVOD_OPTIONAL_DIMS if getattr(dims, d) > 1}
-    extra = [grp for groups in wanted.values() for grp in groups if len(grp) < dims.world]
+    if dims.ep > 1:  # token all-to-alls (ep) and expert gradients (edp, when more than one rank)
+        wanted["ep"] = dims.expert_groups("ep")
+        if dims.dp // dims.ep > 1:
+            wanted["edp"] = dims.expert_groups("edp")
+    extra = list(dict.fromkeys(tuple(grp) for groups in wanted.values() for grp in groups
+                               if len(grp) < dims.world))  # one set per distinct group (ep may equal dp's)
+    extra = [list(grp) for grp in extra]
     sets = _registered_sets(hvd, extra) if hvd.is_initialized() else None
     if sets is None:
         if hvd.is_initialized():  # a second run in one process (tests) with other groups
@@ -244,7 +264,7 @@ def _init_horovod(pcfg, dims: ParallelDims, g: ParallelGroups):
         hvd.init(process_sets=sets or None)
     by_ranks = {tuple(grp): ps for grp, ps in zip(extra, sets)}
     for d, groups in wanted.items():
-        mine = tuple(dims.group_ranks(d, g.rank))
+        mine = tuple(dims.expert_group_ranks(g.rank, d) if d in ("ep", "edp") else dims.group_ranks(d, g.rank))
         g.process_set[d] = by_ranks.get(mine, hvd.global_process_set)
     return hvd
 

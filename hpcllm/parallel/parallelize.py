@@ -35,11 +35,18 @@ class AccumulationRunner:
     reads_data = True
 
     def __init__(self, model, device, autocast):
+        from hpcllm.model.moe import moe_modules
+
         self.module, self.device, self.autocast = model, device, autocast
+        self.moe = bool(moe_modules(model))
 
     def forward_backward(self, batches, loss_scale: float, last_backward) -> float:
         loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
         n = len(batches)
+        if self.moe:  # the mixtures' auxiliary losses get the gradient factor of each loss
+            from hpcllm.model.moe import set_grad_scale
+
+            set_grad_scale(self.module, loss_scale / n)
         for i, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.autocast():
@@ -81,6 +88,8 @@ class Parallelized:
     zero_stage: int = 0
     tp_specs: dict = None        # name -> ShardSpec of tensor-parallel shards ({} without)
     tp_comm: object = None       # TPComm of the tensor-parallel group (None without)
+    ep_comm: object = None       # EPComm of the expert group (None without expert parallelism)
+    expert_names: frozenset = frozenset()  # this rank's expert parameters (expert parallelism)
 
     def owned_names(self) -> set[str]:
         """Names this rank's module holds whose values it alone writes to a checkpoint (the last
@@ -120,6 +129,16 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         tp_comm.choice = choose_backend(tp_comm, act, device, getattr(pcfg, "tp_backend", "auto"))
         tp_specs = apply_tensor_parallel(gpt, tp_comm, gpt_cfg, getattr(pcfg, "sequence_parallel", False),
                                          stage=module if module is not gpt else None)
+    ep_comm, expert_names = None, frozenset()
+    if groups.dims.ep > 1:
+        from hpcllm.parallel.expert_parallel import EPComm, apply_expert_parallel
+
+        from hpcllm.parallel.expert_parallel import choose_backend as choose_ep_backend
+
+        ep_comm = EPComm(groups.comm["ep"], hvd=groups.hvd, process_set=groups.process_set.get("ep"))
+        rows = max(1, micro_batch * gpt_cfg.seq_len * gpt_cfg.moe_top_k // groups.dims.ep)
+        ep_comm.choice = choose_ep_backend(ep_comm, rows, gpt_cfg.d_model, device, getattr(pcfg, "ep_backend", "auto"))
+        expert_names = frozenset(apply_expert_parallel(gpt, ep_comm))
     if pcfg.recompute:
         apply_recompute(gpt.block_list())
     compiled = 0
@@ -163,5 +182,6 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
         replicated = {n for n, _ in module.named_parameters() if n not in tp_specs} if tp_specs else set()
         sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied,
                         tp_replicated=replicated,
-                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1)
-    return Parallelized(module, runner, sync, partition, compiled, zero, tp_specs, tp_comm)
+                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1,
+                        expert_names=expert_names)
+    return Parallelized(module, runner, sync, partition, compiled, zero, tp_specs, tp_comm, ep_comm, expert_names)

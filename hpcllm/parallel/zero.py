@@ -53,7 +53,7 @@ import time
 import torch
 
 from hpcllm.errors import HpcllmError
-from hpcllm.parallel.grad_sync import squares, storage_bytes
+from hpcllm.parallel.grad_sync import squares, storage_bytes, sum_over
 
 #: Horovod's MPI path counts elements in 32 bits
 MAX_CALL_ELEMENTS = 2 ** 31 - 1
@@ -467,17 +467,7 @@ class ZeroSync:
                         yield t, f
 
     def _sum_tp_partial(self) -> None:
-        from mpi4py import MPI
-
-        grads = [t.grad for t, _ in self._replicated_pieces() if t.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.detach().reshape(-1).float().cpu() for g in grads])
-        self.groups.comm["tp"].Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-        o = 0
-        for g in grads:
-            g.copy_(flat[o:o + g.numel()].view_as(g))
-            o += g.numel()
+        sum_over(self.groups.comm["tp"], [t.grad for t, _ in self._replicated_pieces() if t.grad is not None])
 
     def _sum_tied(self) -> None:
         from mpi4py import MPI

@@ -572,8 +572,9 @@ class CheckpointReader:
                     for t in range(T)]
         elif T > 1:  # tensor-parallel shards of the first replica
             want = [shard_file(s, 0, t) for s in range(P) for t in range(T)]
-        else:
-            want = [model_file(s) for s in range(P)]
+        else:  # one pair per stage (expert parallelism: per stage and expert-parallel rank)
+            X = int(lay.get("ep", 1))
+            want = [model_file(s * X + e) for s in range(P) for e in range(X)]
         missing = [w for w in want if not (self.dir / w).is_file()]
         if missing:
             raise HpcllmError(f"{self.dir}: {self.describe()} is missing {', '.join(missing[:3])}"

@@ -106,11 +106,11 @@ def load_init_weights(plan: Plan, par, groups=None) -> None:
     ZeRO: into its shards, unit by unit, as a checkpoint restore does)."""
     w = plan.init_weights
     try:
+        src = TPSlicedReader(w, par, groups) if par.tp_specs else w
         if par.zero_stage:
-            par.grad_sync.load(TPSlicedReader(w, par, groups) if par.tp_specs else w)
+            par.grad_sync.load(src)
         else:
-            module = par.module
-            module.load_state_dict(local_part(par, groups, w.model_state(module.state_dict().keys())))
+            par.module.load_state_dict(src.model_state(par.module.state_dict().keys()))
     finally:
         w.close()
 
@@ -231,14 +231,20 @@ def checkpoint_files(par, optimizer, groups) -> dict:
         return {ckpt.shard_file(groups.stage, groups.dp_rank, groups.tp_rank if groups.dims.tp > 1 else None): {
             "format": ckpt.SHARD_FORMAT, "zero_stage": par.zero_stage, "dp": groups.dims.dp,
             "dp_rank": groups.dp_rank, "pieces": par.grad_sync.shard_pieces(optimizer)}}
-    if groups.dp_rank != 0:
+    X = groups.dims.ep
+    if groups.dp_rank >= X:  # the first replica writes (expert parallelism: the first expert group)
         return {}
     owned, module = par.owned_names(), par.module
     if par.tp_specs:
         return {ckpt.shard_file(groups.stage, 0, groups.tp_rank): tp_shard_payload(par, optimizer, groups, owned)}
+    skip = set(par.grad_sync.duplicate)
+    if X > 1 and groups.ep_rank:  # the dense tensors are the group's first rank's; each writes its experts
+        owned = {n for n in owned if n in par.expert_names}
+        skip |= {n for n, _ in module.named_parameters() if n not in par.expert_names}
     model = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in owned}
-    optim = ckpt.named_optim_state(optimizer, module.named_parameters(), exclude=par.grad_sync.duplicate)
-    return {ckpt.model_file(groups.stage): model, ckpt.optim_file(groups.stage): optim}
+    optim = ckpt.named_optim_state(optimizer, module.named_parameters(), exclude=skip)
+    owner = groups.stage * X + groups.ep_rank
+    return {ckpt.model_file(owner): model, ckpt.optim_file(owner): optim}
 
 
 def tp_shard_payload(par, optimizer, groups, owned) -> dict:
@@ -303,15 +309,10 @@ def restore(plan: Plan, par, optimizer, loader, scaler, groups, device) -> None:
         if states:
             ckpt.load_named_optim_state(optimizer, par.grad_sync.optimizer_params(), states, device)
     else:
-        module = par.module
-        module.load_state_dict(local_part(par, groups, reader.model_state(module.state_dict().keys(),
-                                                                          map_location="cpu")))
+        module, src = par.module, (TPSlicedReader(reader, par, groups) if par.tp_specs else reader)
+        module.load_state_dict(src.model_state(module.state_dict().keys(), map_location="cpu"))
         names = [n for n, _ in module.named_parameters()]
-        states = reader.optim_state(names)
-        if par.tp_specs:
-            states = {n: {k: (local_part(par, groups, {n: v})[n] if torch.is_tensor(v) and v.dim() > 0 else v)
-                          for k, v in st.items()} for n, st in states.items()}
-        ckpt.load_named_optim_state(optimizer, module.named_parameters(), states, device)
+        ckpt.load_named_optim_state(optimizer, module.named_parameters(), src.optim_state(names), device)
     reader.close()
     if loader is not None:
         loader.load_state_dict(tstate["loader"])

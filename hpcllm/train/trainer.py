@@ -160,10 +160,19 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     # the replicas of each part start from the first replica's values (identical anyway, by
     # the seed or the checkpoint: a safety net against ranks that start from different points)
     # (ZeRO: each rank holds its own shards, and every rank initialised the same values)
+    # (expert parallelism: an expert's holders are its expert-data-parallel group, never the
+    # other ranks of its expert group, which hold other experts)
     if grad_sync.replicated:
-        groups.broadcast_tensors(dict(module.state_dict()))
-        groups.broadcast_tensors({f"{i}.{k}": v for i, s in enumerate(optimizer.state.values())
-                                  for k, v in s.items() if torch.is_tensor(v)})
+        experts = par.expert_names
+        state = dict(module.state_dict())
+        groups.broadcast_tensors({k: v for k, v in state.items() if k not in experts})
+        by_param = {p: n for n, p in module.named_parameters()}
+        moments = {f"{by_param[p]}.{k}": v for p, st in optimizer.state.items() for k, v in st.items()
+                   if torch.is_tensor(v)}
+        groups.broadcast_tensors({k: v for k, v in moments.items() if k.rsplit(".", 1)[0] not in experts})
+        if experts:
+            groups.broadcast_tensors({k: v for k, v in state.items() if k in experts}, dim="edp")
+            groups.broadcast_tensors({k: v for k, v in moments.items() if k.rsplit(".", 1)[0] in experts}, dim="edp")
 
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
@@ -188,7 +197,23 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     groups.on_root(lambda: prepare_run_dir(run_dir, config_json, start_step), what="the run directory")
     log(groups, f"model {gpt_cfg.name}: {gpt_cfg.n_layer} layers, {gpt_cfg.n_head} heads, d_model {gpt_cfg.d_model}, "
         f"seq_len {gpt_cfg.seq_len}, vocab {gpt_cfg.vocab_size} (padded {gpt_cfg.padded_vocab}), "
-        f"{param_count(gpt_cfg) / 1e6:.2f}M parameters, {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
+        f"{param_count(gpt_cfg) / 1e6:.2f}M parameters"
+        + (f" ({param_count(gpt_cfg, active=True) / 1e6:.2f}M active per token)" if gpt_cfg.moe_experts else "")
+        + f", {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
+    if gpt_cfg.moe_experts:
+        from hpcllm.model.moe import moe_layers
+
+        ml = moe_layers(gpt_cfg)
+        log(groups, f"mixture of experts: blocks {', '.join(map(str, ml))} of {gpt_cfg.n_layer}, "
+            f"{gpt_cfg.moe_experts} experts, top-{gpt_cfg.moe_top_k}, "
+            + (f"capacity factor {gpt_cfg.moe_capacity_factor:g}" if gpt_cfg.moe_capacity_factor else "dropless")
+            + f", aux loss x {gpt_cfg.moe_aux_loss_coef:g}"
+            + (f", z-loss x {gpt_cfg.moe_z_loss_coef:g}" if gpt_cfg.moe_z_loss_coef else "")
+            + (f"; expert parallel: {dims.ep} ranks per expert group ({gpt_cfg.moe_experts // dims.ep} experts "
+               f"each), {dims.dp // dims.ep} group{'s' if dims.dp // dims.ep > 1 else ''}, token all-to-all over "
+               f"{par.ep_comm.backend} (" + ("as asked" if par.ep_comm.choice["forced"] else "the faster")
+               + ": " + ", ".join(f"{k} {v:.3f} ms" for k, v in par.ep_comm.choice["median_ms"].items())
+               + f" for {par.ep_comm.choice['bytes'] / 1024:.0f} KiB per peer)" if dims.ep > 1 else ""))
     if getattr(gpt_cfg, "attention", "dense") != "dense":
         from hpcllm.model.attention import describe as describe_attention
 
@@ -246,6 +271,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         return path
 
     params = grad_sync.step_params()  # what unscaling and clipping act on (ZeRO: the shards)
+    moe = bool(gpt_cfg.moe_experts)
     state_bytes = None
     memory_logged = False
     nan_at = _nan_hook(groups.rank)
@@ -259,6 +285,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         t0 = time.perf_counter()
         if par.tp_comm is not None:
             par.tp_comm.seconds = 0.0  # this step's tensor-parallel collectives (blocking: on the critical path)
+        if par.ep_comm is not None:
+            par.ep_comm.seconds = 0.0  # this step's token all-to-alls (blocking: on the critical path)
         lr = schedule.apply(optimizer, step)
         batches = loader.next_batch() if loader is not None else None
         loss = runner.forward_backward(batches, scaler.scale, grad_sync.overlap)
@@ -299,7 +327,8 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             grad_norm_value = agreed.grad_norm
         grad_sync.zero_grad(optimizer)
         scaler.update(agreed.overflow)
-        metrics.step(agreed.loss, time.perf_counter() - t0, grad_sync.wait_s)
+        step_s = time.perf_counter() - t0
+        metrics.step(agreed.loss, step_s, grad_sync.wait_s)
         done = step + 1
         if pc.compile and done == start_step + 1:
             from hpcllm.parallel.compile import compile_report
@@ -317,6 +346,16 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             record["comm_s"] = grad_sync.comm_record()
             if par.tp_comm is not None:
                 record["comm_s"]["tensor_parallel_s"] = round(par.tp_comm.seconds, 6)
+            if par.ep_comm is not None:
+                record["comm_s"]["all_to_all_s"] = round(par.ep_comm.seconds, 6)
+            if moe:  # routing statistics of the interval, every rank's layers and tokens
+                from hpcllm.model.moe import summarize, take_stats
+
+                record.update(summarize(groups.allgather(take_stats(module), what="the expert statistics")))
+                if par.ep_comm is not None:
+                    shares = groups.allgather(par.ep_comm.seconds / max(1e-9, step_s),
+                                              what="the all-to-all share")
+                    record["moe_all_to_all_share"] = round(max(shares), 4)
             per_rank = groups.allgather((state_bytes, peak_memory_bytes(device), start_mem),
                                         what="the memory statistics")
             record["model_state_bytes"] = [b for b, _, _ in per_rank]

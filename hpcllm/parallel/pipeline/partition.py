@@ -127,7 +127,9 @@ def param_costs(cfg) -> PieceCosts:
 
     embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
     head = cfg.padded_vocab * cfg.d_model + cfg.norm_params
-    return PieceCosts(embed=float(embed), blocks=(float(block_param_count(cfg)),) * cfg.n_layer, head=float(head))
+    # a mixture of experts counts the parameters a token uses (its compute), not all E experts
+    return PieceCosts(embed=float(embed), blocks=tuple(float(block_param_count(cfg, i, active=True))
+                                                      for i in range(cfg.n_layer)), head=float(head))
 
 
 def measured_costs(cfg, micro_batch: int, device="cpu", autocast=None, repeats: int = 3) -> PieceCosts:

@@ -32,6 +32,9 @@ class PipelineRunner:
         self.device, self.autocast = device, autocast
         self.first, self.last = groups.first_stage, groups.last_stage
         self.microbatches = microbatches
+        from hpcllm.model.moe import moe_modules
+
+        self.moe = bool(moe_modules(stage))
         cfg = stage.cfg
         self.act_shape = (micro_batch, cfg.seq_len, cfg.d_model)
         self.act_dtype = activation_dtype(cfg, autocast, device)
@@ -48,6 +51,10 @@ class PipelineRunner:
     def forward_backward(self, batches, loss_scale: float, last_backward) -> float | None:
         """One step's passes; gradients accumulated in ``.grad``; the mean loss on the last
         stage, None elsewhere."""
+        if self.moe:  # the mixtures' auxiliary losses are scaled as the engine scales each loss
+            from hpcllm.model.moe import set_grad_scale
+
+            set_grad_scale(self.module, loss_scale / self.microbatches)
         return self.engine.step(batches, loss_scale=loss_scale, last_backward=last_backward)
 
     def step_record(self) -> dict:
