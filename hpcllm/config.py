@@ -483,6 +483,9 @@ def validate(cfg: TrainConfig) -> None:
     if p.expert_parallel > 1:
         need(bool(cfg.model.moe_experts), f"--expert-parallel {p.expert_parallel} splits the experts of a mixture "
              "of experts: give --moe-experts")
+        need(not cfg.model.moe_experts or cfg.model.moe_experts % p.expert_parallel == 0,
+             f"--expert-parallel {p.expert_parallel}: does not divide --moe-experts {cfg.model.moe_experts} "
+             "(each rank of an expert group holds experts / X of them)")
         need(p.zero_stage == 0, f"--expert-parallel {p.expert_parallel} does not combine with --zero-stage "
              f"{p.zero_stage} yet (ZeRO shards over the data-parallel ranks, which hold different experts)")
         need(p.tensor_parallel == 1, f"--expert-parallel {p.expert_parallel} does not combine with "

@@ -32,6 +32,9 @@ def export_hf(source, out, dtype: str = "fp32", max_shard_bytes: int = DEFAULT_M
     from hpcllm.model.gpt import GPTConfig
 
     cfg = GPTConfig(**loaded.model_config)
+    if cfg.moe_experts:
+        raise HpcllmError(f"{source}: --format hf: a mixture of experts ({cfg.moe_experts} experts) has no "
+                          "GPT-2/NeoX/Llama equivalent in transformers; use the native export (--format hpcllm)")
     if getattr(loaded, "quantization", None):  # an INT8 export: its dequantized weights (the plain names)
         from hpcllm.infer.quantize import dequantized_state_dict
 

@@ -140,7 +140,7 @@ class MoEStats:
         self.passes = 0
         self.aux = 0.0
         self.z = 0.0
-        self.wanted = torch.zeros(self.n_experts, dtype=torch.float64)
+        self.wanted = torch.zeros(self.n_experts, dtype=torch.float64, device="cpu")  # (modules may be built on meta)
         self.dropped = 0
         self.assignments = 0
 
