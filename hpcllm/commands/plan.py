@@ -54,6 +54,11 @@ def _num(what):
 @click.option("--attention-global", type=number(int, Range(0)), default=None, help="--attention bigbird: global tokens.")
 @click.option("--attention-random", type=number(int, Range(0)), default=None, help="--attention bigbird: random key blocks per query block.")
 @click.option("--attention-block", type=number(int, AT_LEAST_1), default=None, help="--attention: block size.")
+@click.option("--moe-experts", type=number(int, AT_LEAST_1), default=None,
+              help="Mixture of experts (as hpcllm train's): memory counts every expert, time and the scaling law "
+                   "the active parameters.")
+@click.option("--moe-top-k", type=number(int, Range(1, 2)), default=None, help="--moe-experts: experts per token.")
+@click.option("--moe-every", type=number(int, AT_LEAST_1), default=None, help="--moe-experts: every Nth block a mixture.")
 @click.option("--tensor-parallel", type=number(int, Range(1)), default=None,
               help="Only layouts with this tensor-parallel degree (may span nodes when given) "
                    "[default: search the divisors of --devices-per-node].")

@@ -109,12 +109,14 @@ class Shape:
     def from_config(cls, cfg) -> "Shape":
         from hpcllm.model import gpt
 
-        block = gpt.block_param_count(cfg)
+        # a block's mean parameters (a mixture of experts holds all E experts; its FLOPs count k)
+        blocks = sum(gpt.block_param_count(cfg, i) for i in range(cfg.n_layer))
+        block = blocks / cfg.n_layer
         embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
         total = gpt.param_count(cfg)
         # final norm + head matrix (tied: a copy of the embedding the total counted once)
         tied = getattr(cfg, "tie_embeddings", True)
-        head = total - embed - cfg.n_layer * block + (cfg.padded_vocab * cfg.d_model if tied else 0)
+        head = total - embed - blocks + (cfg.padded_vocab * cfg.d_model if tied else 0)
         fpt = float(gpt.flops_per_token(cfg))
         head_f = 3.0 * 2 * cfg.d_model * cfg.padded_vocab
         return cls(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, seq_len=cfg.seq_len,

@@ -62,6 +62,10 @@ class PlanRequest:
     attention_global: int | None = None
     attention_random: int | None = None
     attention_block: int | None = None
+    moe_experts: int | None = None
+    """Mixture of experts of the laid-out model: memory counts all experts, time the active ones."""
+    moe_top_k: int | None = None
+    moe_every: int | None = None
     top: int = 8
     slurm_profile: str | None = None
     """Cluster profile for --emit-slurm [default: "default" for GPUs, "cpu" for CPUs]."""
@@ -119,7 +123,8 @@ def default_global_batch(cluster: Cluster, seq_len: int) -> int:
 
 
 #: PlanRequest fields that pass to the model's sparse-attention configuration
-ATTENTION_FIELDS = ("attention", "attention_window", "attention_global", "attention_random", "attention_block")
+ATTENTION_FIELDS = ("attention", "attention_window", "attention_global", "attention_random", "attention_block",
+                    "moe_experts", "moe_top_k", "moe_every")
 
 
 def slurm_train_args(layout: Layout, cluster: Cluster, model: str, seq_len: int, precision: str,
@@ -198,8 +203,10 @@ def make_plan(req: PlanRequest) -> dict:
         try:
             cfg = replace(cfg, **sparse)
         except ValueError as e:
-            raise HpcllmError(f"--attention: {e}") from None
-    n_preset = float(param_count(cfg))
+            what = "--moe-experts" if str(e).startswith("moe") else "--attention"
+            raise HpcllmError(f"{what}: {e}") from None
+    # a mixture: the scaling law and the FLOP budget count the parameters a token uses
+    n_preset = float(param_count(cfg, active=bool(cfg.moe_experts)))
     # the preset trains on its own compute-optimal tokens (with --tokens: those tokens);
     # what the whole budget would buy is reported beside it
     if tokens is not None and params is None:
@@ -255,7 +262,7 @@ def make_plan(req: PlanRequest) -> dict:
         "methods": both,
         "tokens_per_param": req.tokens_per_param,
         "preset": {"name": name, "config": cfg.to_dict(), **preset_point.to_dict(),
-                   "budget_tokens": budget_tokens},
+                   "budget_tokens": budget_tokens, "total_params": float(param_count(cfg))},
         "data": data_check,
         "device": {**asdict(device), "capacity_bytes": cluster.capacity()},
         "cluster": {"nodes": cluster.nodes, "devices_per_node": g, "world": cluster.world},

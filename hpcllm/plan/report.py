@@ -76,7 +76,10 @@ def format_plan(p: dict) -> str:
     out.append("")
     budget = f"; the whole budget would train it on {si(pr['budget_tokens'])}" if pr["budget_tokens"] else ""
     out.append(f"model: preset {pr['name']} ({c['n_layer']} layers, {c['n_head']} heads, d_model {c['d_model']}, "
-               f"seq {c['seq_len']}, vocab {c['vocab_size']}): {si(pr['params'])} params on {si(pr['tokens'])} "
+               f"seq {c['seq_len']}, vocab {c['vocab_size']}"
+               + (f"; {c['moe_experts']} experts top-{c['moe_top_k']} every {c['moe_every']} blocks, "
+                  f"{si(pr['total_params'])} params in all" if c.get("moe_experts") else "")
+               + f"): {si(pr['params'])} {'active ' if c.get('moe_experts') else ''}params on {si(pr['tokens'])} "
                f"tokens ({pr['compute']:.3g} FLOPs, predicted loss {pr['loss']:.3f}{budget})")
     d = p["data"]
     if d:

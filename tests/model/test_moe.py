@@ -156,3 +156,30 @@ def test_tiny_moe_balances_its_load_on_the_builtin_corpus(tmp_path):
     assert len(loads) == 10 and loads[-1] < 1.5, loads
     assert all(math.isfinite(r["moe_aux_loss"]) and r["moe_aux_loss"] >= 1.0 - 1e-6 for r in rows if "moe_aux_loss" in r)
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+
+
+def test_plan_counts_every_expert_in_memory_and_the_active_ones_in_time():
+    import subprocess
+    import sys
+
+    def plan(*extra):
+        r = subprocess.run([sys.executable, "-m", "hpcllm", "plan", "--params", "1B", "--model", "124M", "--top", "1",
+                            "--pipeline-stages", "1", "--micro-batch", "8", "--zero-stage", "0", "--no-recompute",
+                            "--json", *extra], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    dense, mix = plan(), plan("--moe-experts", "8")
+    from hpcllm.model.gpt import PRESETS
+
+    cfg = PRESETS["124M"]
+    router = cfg.n_layer * cfg.d_model * 8
+    assert mix["preset"]["params"] == pytest.approx(dense["preset"]["params"] + router)  # top-1: active
+    mlp = 2 * cfg.d_model * 4 * cfg.d_model + 5 * cfg.d_model
+    assert mix["preset"]["total_params"] == pytest.approx(dense["preset"]["params"] + router + cfg.n_layer * 7 * mlp)
+    a, b = dense["layouts"][0], mix["layouts"][0]
+    assert b["memory"]["params_count"] == pytest.approx(mix["preset"]["total_params"], rel=1e-3)
+    assert b["time"]["compute"] == pytest.approx(a["time"]["compute"], rel=0.02)  # same active FLOPs (+ router)
+    r = subprocess.run([sys.executable, "-m", "hpcllm", "plan", "--params", "1B", "--model", "124M", "--moe-experts", "1",
+                        "--moe-top-k", "2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "more than the 1 experts" in r.stderr
