@@ -486,8 +486,6 @@ def validate(cfg: TrainConfig) -> None:
         need(not cfg.model.moe_experts or cfg.model.moe_experts % p.expert_parallel == 0,
              f"--expert-parallel {p.expert_parallel}: does not divide --moe-experts {cfg.model.moe_experts} "
              "(each rank of an expert group holds experts / X of them)")
-        need(p.zero_stage == 0, f"--expert-parallel {p.expert_parallel} does not combine with --zero-stage "
-             f"{p.zero_stage} yet (ZeRO shards over the data-parallel ranks, which hold different experts)")
         need(p.tensor_parallel == 1, f"--expert-parallel {p.expert_parallel} does not combine with "
              f"--tensor-parallel {p.tensor_parallel} yet")
     elif is_given(cfg, "parallel.ep_backend"):

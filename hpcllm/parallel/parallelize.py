@@ -177,7 +177,8 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
                 init_parameters(named, seed, gpt_cfg.n_layer)
         sync = ZeroSync(module, gpt.block_list(), groups, zero, device=device, compression=pcfg.grad_compression,
                         tied=tied, init_fn=init_fn, tp_specs=tp_specs,
-                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1)
+                        tp_partial=getattr(pcfg, "sequence_parallel", False) and groups.dims.tp > 1,
+                        expert_names=expert_names)
     else:
         replicated = {n for n, _ in module.named_parameters() if n not in tp_specs} if tp_specs else set()
         sync = GradSync(module.named_parameters(), groups, pcfg.grad_compression, tied=tied,

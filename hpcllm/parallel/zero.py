@@ -37,6 +37,12 @@ the one training loop does not change) and owns the parameters' storage:
   stays gathered from the forward until its backward is done (the tied head is used last).
 - **Norm.** Each rank's shards hold distinct elements: the sum over ranks of
   :meth:`norm_sq` counts every parameter once (the last stage's tied shard counts nothing).
+- **Experts** (expert parallelism, X ranks per expert group): a rank's experts are held by
+  its expert-data-parallel group only (the D/X ranks with the same ``dp % X``), so their
+  flats (kinds ``expert_decay``/``expert_no_decay``) are sharded over that group: its own
+  grouped reduce-scatter (``Sum`` post-scaled by 1/D: an expert's gradient already holds
+  every token of its expert group) and all-gather, in the ``edp`` process set; with D = X
+  nobody shares them and the shard is the whole buffer (the gradient divided by D locally).
 
 The unit hooks wrap the module's ``__call__`` (a class swap, as ``--recompute`` does), outside
 ``torch.utils.checkpoint`` and ``torch.compile``: recomputation and compiled code never see them.
@@ -88,6 +94,8 @@ class Flat:
         size = self.padded // n
         self.lo, self.hi = rank * size, (rank + 1) * size
         self._pieces: list[tuple] | None = None
+        #: expert parameters: sharded over the expert-data-parallel group (set by ZeroSync)
+        self.expert = False
         self.full = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.params: list[torch.nn.Parameter] = []
         self.shard: torch.Tensor | None = None      # this rank's range of the buffer
@@ -171,7 +179,7 @@ class ZeroSync:
     ``stage``: 1, 2 or 3; ``tied``: the name of the matrix shared with another pipeline stage."""
 
     def __init__(self, module, blocks, groups, stage: int, *, device, init_fn=None, compression: str = "none",
-                 tied: str | None = None, tp_specs=None, tp_partial: bool = False):
+                 tied: str | None = None, tp_specs=None, tp_partial: bool = False, expert_names=()):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage {stage}")
         self.stage, self.groups, self.device = stage, groups, device
@@ -200,6 +208,11 @@ class ZeroSync:
         kill = os.environ.get(KILL_ENV, "")
         at, _, who = kill.partition(",")
         self.kill_at = int(at) if kill and int(who or 0) == groups.rank else None
+        #: expert parallelism: this rank's expert parameters and the group sharing them
+        self.expert_names = set(expert_names or ())
+        X = groups.dims.ep
+        self.edp_n, self.edp_rank = self.n // X, self.rank_in_dp // X
+        self.edp_set = groups.process_set.get("edp")
         self._build(module, blocks, init_fn)
 
     # ---------------------------------------------------------------- construction
@@ -219,14 +232,19 @@ class ZeroSync:
             if not params:
                 continue
             unit = Unit(uname)
-            by_kind = {"decay": [], "no_decay": [], "tied": []}
+            by_kind = {"decay": [], "no_decay": [], "tied": [], "expert_decay": [], "expert_no_decay": []}
             for n, p in params:
                 kind = "tied" if n == self.tied else ("decay" if p.dim() >= 2 else "no_decay")
+                if n in self.expert_names:
+                    kind = "expert_" + kind
                 by_kind[kind].append((n, p))
             for kind, members in by_kind.items():
                 if not members:
                     continue
-                flat = Flat(uname, kind, members, self.n, self.rank_in_dp, self.device)
+                expert = kind.startswith("expert_")
+                flat = Flat(uname, kind, members, self.edp_n if expert else self.n,
+                            self.edp_rank if expert else self.rank_in_dp, self.device)
+                flat.expert = expert
                 fresh = []
                 for i, (n, old) in enumerate(members):
                     new = torch.nn.Parameter(flat.view(i), requires_grad=True)
@@ -276,7 +294,7 @@ class ZeroSync:
         return [pair for u in self.units for f in u.flats for pair in zip(f.piece_names, f.piece_tensors)]
 
     def decay_names(self) -> set[str]:
-        return {n for u in self.units for f in u.flats if f.kind != "no_decay" for n in f.piece_names}
+        return {n for u in self.units for f in u.flats if not f.kind.endswith("no_decay") for n in f.piece_names}
 
     def step_params(self) -> list[torch.Tensor]:
         """The tensors whose ``.grad`` unscale and clipping act on."""
@@ -293,21 +311,38 @@ class ZeroSync:
         return False
 
     # ---------------------------------------------------------------- gathers
+    def _parts(self, unit: Unit) -> list[tuple]:
+        """(name suffix, flats, ranks sharing them, process set, experts?) of a unit: its dense
+        flats over the dp group, its experts' over the expert-data-parallel group."""
+        dense = [f for f in unit.flats if not f.expert]
+        experts = [f for f in unit.flats if f.expert]
+        out = []
+        if dense:
+            out.append(("", dense, self.n, self.process_set, False))
+        if experts:
+            out.append((".experts", experts, self.edp_n, self.edp_set, True))
+        return out
+
     def _start_gather(self, unit: Unit) -> None:
         if unit.gathered or unit.pending is not None:
             return
         if self.stage == 3:
             for f in unit.flats:
                 f.allocate()
-        if self.hvd is None:  # one rank: the shard is the whole buffer
-            if self.stage == 3:
-                for f in unit.flats:
-                    f.full.data.copy_(f.shard)
+        pending = []
+        for key, flats, n, ps, _ in self._parts(unit):
+            if n == 1 or self.hvd is None:  # nobody shares these: the shard is the whole buffer
+                if self.stage == 3:
+                    for f in flats:
+                        f.full.data.copy_(f.shard)
+                continue
+            pending.append((self.hvd.grouped_allgather_async([f.shard for f in flats],
+                                                             name=f"hpcllm.zero.ag.{unit.name}{key}",
+                                                             process_set=ps), flats))
+        if not pending:
             unit.gathered = True
             return
-        unit.pending = self.hvd.grouped_allgather_async([f.shard for f in unit.flats],
-                                                        name=f"hpcllm.zero.ag.{unit.name}",
-                                                        process_set=self.process_set)
+        unit.pending = pending
 
     def _wait_gather(self, unit: Unit) -> None:
         if unit.gathered:
@@ -320,11 +355,12 @@ class ZeroSync:
 
         t0 = time.perf_counter()
         with self.groups.waiting(f"the ZeRO parameter all-gather of {unit.name}"):
-            wait_handle(self.hvd, unit.pending)
-            outs = self.hvd.synchronize(unit.pending)
-        for f, out in zip(unit.flats, outs):
-            # .data: a write autograd does not count against the views it saved for backward
-            f.full.data.copy_(out)
+            for handle, flats in unit.pending:
+                wait_handle(self.hvd, handle)
+                outs = self.hvd.synchronize(handle)
+                for f, out in zip(flats, outs):
+                    # .data: a write autograd does not count against the views it saved for backward
+                    f.full.data.copy_(out)
         unit.pending = None
         unit.gathered = True
         self.ag_wait_s += time.perf_counter() - t0
@@ -383,7 +419,8 @@ class ZeroSync:
         finally:
             self.armed = False
             self.started_in_backward = len(self.rs_inflight)
-            self.done_in_backward = (sum(1 for h, *_ in self.rs_inflight.values() if h is None or self.hvd.poll(h))
+            self.done_in_backward = (sum(1 for entries in self.rs_inflight.values()
+                                         if all(h is None or self.hvd.poll(h) for h, *_ in entries))
                                      if self.hvd is not None else self.started_in_backward)
 
     def _grad_hook(self, unit: Unit):
@@ -413,16 +450,31 @@ class ZeroSync:
                 p.grad = None  # only the shard is kept
             flats.append(flat)
         if self.hvd is None:
-            self.rs_inflight[unit.name] = (None, unit, flats, None)
+            self.rs_inflight[unit.name] = [(None, unit.flats, flats, None)]
             return
-        wires, ctxs = zip(*(self.compression.compress(g) for g in flats))
-        handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}",
-                                                      op=self.hvd.Average, process_set=self.process_set)
-        self.reduces += 1
-        if self.reduces == self.kill_at:  # the test hook: die with the collective under way
-            time.sleep(0.05)
-            os.kill(os.getpid(), signal.SIGKILL)
-        self.rs_inflight[unit.name] = (handle, unit, list(wires), list(ctxs))
+        grads = dict(zip(map(id, unit.flats), flats))
+        entries = []
+        for key, fl, n, ps, expert in self._parts(unit):
+            gs = [grads[id(f)] for f in fl]
+            if n == 1:  # experts nobody else holds (D = X): their gradient over all D replicas' tokens
+                for g in gs:
+                    g.mul_(1.0 / self.n)
+                entries.append((None, fl, gs, None))
+                continue
+            wires, ctxs = zip(*(self.compression.compress(g) for g in gs))
+            if expert:
+                handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}{key}",
+                                                              op=self.hvd.Sum, postscale_factor=1.0 / self.n,
+                                                              process_set=ps)
+            else:
+                handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}{key}",
+                                                              op=self.hvd.Average, process_set=ps)
+            entries.append((handle, fl, list(wires), list(ctxs)))
+            self.reduces += 1
+            if self.reduces == self.kill_at:  # the test hook: die with the collective under way
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGKILL)
+        self.rs_inflight[unit.name] = entries
 
     def finish(self) -> None:
         """Every shard's ``.grad`` holds the layout's gradient (averaged over the dp group,
@@ -436,18 +488,19 @@ class ZeroSync:
         from hpcllm.parallel.data_parallel import wait_handle
 
         with self.groups.waiting("the ZeRO gradient reduce-scatter"):
-            for handle, unit, wires, ctxs in self.rs_inflight.values():
-                if handle is None:
-                    outs = wires
-                else:
-                    wait_handle(self.hvd, handle)
-                    outs = [self.compression.decompress(o, c) for o, c in zip(self.hvd.synchronize(handle), ctxs)]
-                for f, out in zip(unit.flats, outs):
-                    if self.stage == 1:
-                        if out is not f.grad_full:
-                            f.grad_full[f.lo:f.hi].copy_(out)
+            for entries in self.rs_inflight.values():
+                for handle, flats, wires, ctxs in entries:
+                    if handle is None:
+                        outs = wires
                     else:
-                        self._set_shard_grad(f, out.float() if out.dtype != torch.float32 else out)
+                        wait_handle(self.hvd, handle)
+                        outs = [self.compression.decompress(o, c) for o, c in zip(self.hvd.synchronize(handle), ctxs)]
+                    for f, out in zip(flats, outs):
+                        if self.stage == 1:
+                            if out is not f.grad_full:
+                                f.grad_full[f.lo:f.hi].copy_(out)
+                        else:
+                            self._set_shard_grad(f, out.float() if out.dtype != torch.float32 else out)
         self.rs_inflight.clear()
         self.rs_wait_s = time.perf_counter() - t0
         if self.tied is not None:

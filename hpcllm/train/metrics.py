@@ -250,6 +250,13 @@ class MetricsLogger:
             parts.append(f"{_si(rec['tokens_per_s'])} tok/s")
             parts.append(f"mfu {100 * rec['mfu']:.1f}%")
             parts.append(f"{rec['step_time_s'] * 1000:.0f} ms/step")
+        if "moe_aux_loss" in rec:  # mixture of experts: balance, drops, all-to-all share
+            moe = f"aux {rec['moe_aux_loss']:.3f} load {rec['moe_load_max_mean']:.2f}"
+            if rec.get("moe_dropped"):
+                moe += f" drop {100 * rec['moe_dropped']:.1f}%"
+            if "moe_all_to_all_share" in rec:
+                moe += f" a2a {100 * rec['moe_all_to_all_share']:.0f}%"
+            parts.append(moe)
         if rec.get("skipped"):
             parts.append(f"skipped {rec['skipped']}")
         return " | ".join(parts)

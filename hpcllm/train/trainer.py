@@ -234,7 +234,9 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
             1: "optimizer states", 2: "optimizer states and gradients",
             3: "optimizer states, gradients and parameters"}[par.zero_stage]
             + f" sharded over {dims.dp} data-parallel rank{'s' if dims.dp > 1 else ''}"
-            + (" (one rank: nothing to shard)" if dims.dp == 1 else ""))
+            + (" (one rank: nothing to shard)" if dims.dp == 1 else "")
+            + (f"; experts over their {dims.dp // dims.ep} expert-data-parallel rank{'s' if dims.dp > dims.ep else ''}"
+               if dims.ep > 1 else ""))
     log(groups, f"global batch {global_batch} sequences = {tokens_per_step} tokens "
         f"(micro-batch {d.micro_batch} x {M} micro-batches x {dims.dp} replicas x seq_len {gpt_cfg.seq_len})"
         + ("; activation recomputation per block" if pc.recompute else ""))

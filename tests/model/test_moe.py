@@ -129,7 +129,6 @@ def test_moe_flags_errors_are_one_line(tmp_path):
     cases = [({"moe_top_k": 2}, "--moe-top-k: mixture-of-experts options need --moe-experts"),
              ({"expert_parallel": 2}, "--expert-parallel 2 splits the experts"),
              ({"moe_experts": 3, "expert_parallel": 2}, "--expert-parallel 2: does not divide --moe-experts 3"),
-             ({"moe_experts": 4, "expert_parallel": 2, "zero_stage": 1}, "does not combine with --zero-stage 1"),
              ({"moe_experts": 4, "expert_parallel": 2, "tensor_parallel": 2}, "does not combine with --tensor-parallel"),
              ({"ep_backend": "mpi4py"}, "--ep-backend applies to expert parallelism only")]
     for flags, msg in cases:

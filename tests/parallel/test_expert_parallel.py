@@ -107,6 +107,37 @@ def test_x2_times_d2_on_four_ranks_equals_one_process(edata, references, tmp_pat
     assert_same(out, references["top2-a4"], "X=2 x D=2")
 
 
+def test_x2_with_zero2_equals_one_process(edata, references, tmp_path):
+    """D = X: ZeRO shards the dense tensors over both ranks, each rank's experts stay whole."""
+    out, res = ep_run(tmp_path, edata, "x2-z2", 2, *TOP[2], "--expert-parallel", "2", "--zero-stage", "2")
+    assert "experts over their 1 expert-data-parallel rank" in res.stdout
+    assert_same(out, references["top2"], "X=2 ZeRO-2")
+
+
+def test_x2_times_d2_with_zero3_equals_one_process(edata, references, tmp_path):
+    """The experts' shards over their expert-data-parallel pair (reduce-scatter Sum / D)."""
+    out, res = ep_run(tmp_path, edata, "x2d2-z3", 4, *TOP[2], "--expert-parallel", "2", "--zero-stage", "3")
+    assert "experts over their 2 expert-data-parallel ranks" in res.stdout
+    assert_same(out, references["top2-a4"], "X=2 x D=2 ZeRO-3")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_x2_in_16_bit_equals_one_process_in_16_bit(edata, tmp_path, precision):
+    """bf16 tokens cross the all-to-all as raw 16-bit words; fp16's loss scale reaches the
+    auxiliary loss's gradient as it reaches the language-model loss's."""
+    args = [*BASE, *TOP[2], "--steps", "6", "--decay-steps", "6"]
+    args[args.index("--precision") + 1] = precision
+    ref = tmp_path / "ref"
+    run_train(["--data", str(edata), "--out", str(ref), "--accum", "2", *args], timeout=240)
+    out = tmp_path / "x2"
+    run_mpi(train_cmd("--data", str(edata), "--out", str(out), "--expert-parallel", "2", *args), np=2, env=ENV,
+            timeout=300).check()
+    la, lb = losses(out), losses(ref)
+    assert len(la) == 6
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=2e-3), (precision, s, la[s], lb[s])
+
+
 def test_x2_in_a_two_stage_pipeline_equals_one_process(edata, references, tmp_path):
     out, _ = ep_run(tmp_path, edata, "x2pp2", 4, *TOP[2], "--expert-parallel", "2", "--pipeline-stages", "2",
                     "--microbatches", "2", "--schedule", "1f1b")
