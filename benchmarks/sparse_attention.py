@@ -106,10 +106,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="2k and 4k only, 2 repeats")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/sparse_attention.json"))
+    ap.add_argument("--plot", default=str(ROOT / "benchmarks/results/sparse_attention.png"),
+                    help="PNG of time and peak memory against T (empty: none)")
+    ap.add_argument("--plot-only", action="store_true", help="redraw --plot from the JSON at --out, run nothing")
     ap.add_argument("--worker", nargs=3, metavar=("PART", "KIND", "T"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]), a.repeats, a.device)))
+        return
+    if a.plot_only:
+        plot(json.loads(Path(a.out).read_text())["rows"], a.plot)
         return
     lengths = [2048, 4096] if a.quick else [int(t) for t in a.lengths.split(",")]
     repeats = 2 if a.quick else a.repeats
@@ -144,6 +150,43 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"device": a.device, "torch": torch.__version__, "cpus": os.cpu_count(),
                                        "lengths": lengths, "rows": rows, "table": table}, indent=1) + "\n")
+    if a.plot:
+        plot(rows, a.plot)
+
+
+def plot(rows: list, path: str) -> None:
+    """Time (log-log) and peak memory against T for each part and pattern: the README's figure."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = sorted({r["part"] for r in rows})
+    fig, axes = plt.subplots(1, len(parts) + 1, figsize=(5 * (len(parts) + 1), 4))
+    for ax, part in zip(axes, parts):
+        for kind in KINDS:
+            pts = sorted((r["T"], r["time_s"] * 1e3) for r in rows if r["part"] == part and r["kind"] == kind)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=kind)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length T", ylabel="ms",
+               title=f"{part}: forward + backward" if part == "attention" else f"{part}: training step")
+        ts = sorted({r["T"] for r in rows})
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.set_xticks(ts, [str(t) for t in ts])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax = axes[-1]
+    for kind in KINDS:
+        pts = sorted((r["T"], r["peak_growth_bytes"] / 2**20) for r in rows if r["part"] == "attention" and r["kind"] == kind)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=kind)
+    ax.set(xlabel="sequence length T", ylabel="peak MiB (RSS growth)", title="attention: peak memory")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
 
 
 if __name__ == "__main__":

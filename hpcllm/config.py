@@ -480,14 +480,15 @@ def validate(cfg: TrainConfig) -> None:
                                                       "moe_aux_loss_coef", "moe_z_loss_coef")
                  if getattr(cfg.model, k) is not None]
         need(not given, f"{', '.join(given)}: mixture-of-experts options need --moe-experts E (>= 1)")
+    need(not (cfg.model.moe_experts and p.tensor_parallel > 1),
+         f"--moe-experts does not combine with --tensor-parallel {p.tensor_parallel} yet (the experts are not "
+         "split by tensor parallelism); use --expert-parallel over the data-parallel ranks instead")
     if p.expert_parallel > 1:
         need(bool(cfg.model.moe_experts), f"--expert-parallel {p.expert_parallel} splits the experts of a mixture "
              "of experts: give --moe-experts")
         need(not cfg.model.moe_experts or cfg.model.moe_experts % p.expert_parallel == 0,
              f"--expert-parallel {p.expert_parallel}: does not divide --moe-experts {cfg.model.moe_experts} "
              "(each rank of an expert group holds experts / X of them)")
-        need(p.tensor_parallel == 1, f"--expert-parallel {p.expert_parallel} does not combine with "
-             f"--tensor-parallel {p.tensor_parallel} yet")
     elif is_given(cfg, "parallel.ep_backend"):
         need(False, "--ep-backend applies to expert parallelism only (--expert-parallel > 1)")
     need(not (p.sequence_parallel and p.tensor_parallel == 1),

@@ -169,15 +169,17 @@ def tie_head(model: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module) -> nn.Module:
-    """Quantize ``model`` in place (and return it): every ``nn.Linear`` becomes an
+    """Quantize ``model`` in place (and return it): every ``nn.Linear`` but a router becomes an
     :class:`Int8Linear`, ``wte`` an :class:`Int8Embedding`, and a tied model's ``lm_head``
     (None before) an :class:`Int8Linear` sharing the embedding's int8 matrix and scales.
     Works on the meta device too (shapes only, to build a model an INT8 export then fills)."""
     if is_quantized(model):
         return model
     # collect first: replacing children while iterating named_modules would skip some
+    # (a mixture's router stays fp32: it is tiny, and a rounded router logit can send a token
+    # to another expert)
     linears = [(parent, name, child) for parent in model.modules()
-               for name, child in parent.named_children() if isinstance(child, nn.Linear)]
+               for name, child in parent.named_children() if isinstance(child, nn.Linear) and name != "router"]
     for parent, name, child in linears:
         setattr(parent, name, Int8Linear.from_linear(child))
     if isinstance(getattr(model, "wte", None), nn.Embedding):

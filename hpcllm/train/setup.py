@@ -123,7 +123,9 @@ def check_resume_compat(resume_dir: Path, trainer_state: dict, config: dict, gpt
                           f"{info.data_dir} has {info.tokenizer_sha256[:12]}… (a different tokenizer)")
     saved = dict(config.get("model") or {})
     now = gpt_cfg.to_dict()
-    diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k != "name" and k in saved and saved[k] != now[k]]
+    # (the mixtures' capacity and auxiliary-loss weights are training settings, not the shape)
+    free = {"name", "moe_capacity_factor", "moe_aux_loss_coef", "moe_z_loss_coef"}
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in now if k not in free and k in saved and saved[k] != now[k]]
     if diff:
         raise HpcllmError(f"{resume_dir}: checkpoint model shape differs from this run's ({'; '.join(diff)})")
 

@@ -130,6 +130,7 @@ def test_moe_flags_errors_are_one_line(tmp_path):
              ({"expert_parallel": 2}, "--expert-parallel 2 splits the experts"),
              ({"moe_experts": 3, "expert_parallel": 2}, "--expert-parallel 2: does not divide --moe-experts 3"),
              ({"moe_experts": 4, "expert_parallel": 2, "tensor_parallel": 2}, "does not combine with --tensor-parallel"),
+             ({"moe_experts": 4, "tensor_parallel": 2}, "--moe-experts does not combine with --tensor-parallel 2"),
              ({"ep_backend": "mpi4py"}, "--ep-backend applies to expert parallelism only")]
     for flags, msg in cases:
         with pytest.raises(HpcllmError, match=msg.replace("(", r"\(")):
@@ -182,3 +183,17 @@ def test_plan_counts_every_expert_in_memory_and_the_active_ones_in_time():
     r = subprocess.run([sys.executable, "-m", "hpcllm", "plan", "--params", "1B", "--model", "124M", "--moe-experts", "1",
                         "--moe-top-k", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "more than the 1 experts" in r.stderr
+
+
+def test_int8_quantized_moe_keeps_the_router_and_stays_close():
+    from hpcllm.infer.quantize import quantize_int8
+
+    torch.manual_seed(2)
+    m = GPT(GPTConfig(**CFG, moe_experts=4, moe_top_k=2)).eval()
+    x = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        want = m(x)
+        q = quantize_int8(m)
+        assert isinstance(q.blocks[0].mlp.router, torch.nn.Linear)
+        got = q(x)
+    assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
