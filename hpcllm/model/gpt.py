@@ -355,11 +355,19 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 class KVCache:
     """Keys and values of the positions decoded so far, for generation: one preallocated
     (B, H, max_len, hd) buffer pair per layer; ``pos`` positions are filled. A forward pass
-    given the cache attends to them and appends its own (training never passes one)."""
+    given the cache attends to them and appends its own (training never passes one).
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype):
+    ``window`` W (local attention, where no query sees a key W or more positions back): the
+    buffers hold only the last W positions, a ring (slot = position % W), so the cache's
+    memory is W, not max_len, positions; keys are stored after the rotary rotation, so a
+    slot's order does not matter."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, device, dtype,
+                 window: int | None = None):
         # n_head: the key/value heads (fewer than the query heads with grouped-query attention)
-        self.k = torch.zeros(n_layer, batch, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.window = window if window is not None and window < max_len else None
+        slots = self.window or max_len
+        self.k = torch.zeros(n_layer, batch, n_head, slots, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.max_len, self.pos = max_len, 0
         #: (B, max_len): False at left-padding positions, which no real token attends to
@@ -377,14 +385,24 @@ class _LayerKV:
     def __init__(self, cache: KVCache, i: int):
         self.cache, self.i = cache, i
 
-    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this call's keys/values at the next positions; all keys/values so far."""
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        """Store this call's keys/values at the next positions; the keys/values to attend to
+        and their positions (None: all positions 0 .. pos + T - 1, in order)."""
         c, p, T = self.cache, self.cache.pos, k.size(-2)
         if p + T > c.max_len:
             raise ValueError(f"KV cache of {c.max_len} positions cannot take {T} more after {p}")
-        c.k[self.i, :, :, p:p + T] = k
-        c.v[self.i, :, :, p:p + T] = v
-        return c.k[self.i, :, :, :p + T], c.v[self.i, :, :, :p + T]
+        if c.window is None:
+            c.k[self.i, :, :, p:p + T] = k
+            c.v[self.i, :, :, p:p + T] = v
+            return c.k[self.i, :, :, :p + T], c.v[self.i, :, :, :p + T], None
+        W = c.window
+        held = torch.arange(max(0, p - W), p, device=k.device)  # the ring's positions, oldest first
+        keys = torch.cat([c.k[self.i, :, :, held % W], k], dim=2)
+        values = torch.cat([c.v[self.i, :, :, held % W], v], dim=2)
+        new = torch.arange(max(p, p + T - W), p + T, device=k.device)  # the last W of this call's
+        c.k[self.i].index_copy_(2, new % W, k[:, :, new - p])
+        c.v[self.i].index_copy_(2, new % W, v[:, :, new - p])
+        return keys, values, torch.cat([held, torch.arange(p, p + T, device=k.device)])
 
 
 class CausalSelfAttention(nn.Module):
@@ -424,8 +442,9 @@ class CausalSelfAttention(nn.Module):
                 cos, sin = _rope_cos_sin(int(positions.max()) + 1, self.head_dim, self.rope_base, x.device, q.dtype)
                 cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             q, k = self.rotate(q, cos, sin), self.rotate(k, cos, sin)
+        key_pos = None
         if kv is not None:  # the cache keeps the n_kv_head heads only
-            k, v = kv.update(k, v)
+            k, v, key_pos = kv.update(k, v)
         if self.n_kv_head != self.n_head:  # query head h reads key/value head h // group
             group = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -436,10 +455,11 @@ class CausalSelfAttention(nn.Module):
                 from hpcllm.model.attention import pattern_for, sparse_attention
                 y = sparse_attention(q, k, v, pattern_for(self.sparse, T, self.layer))
         else:  # generation: the new positions attend to every cached one and causally among themselves
-            keys = torch.arange(start + T, device=x.device)[None, :]
+            keys = (torch.arange(start + T, device=x.device) if key_pos is None else key_pos)[None, :]
             queries = torch.arange(start, start + T, device=x.device)[:, None]
             # real keys only (a padding query sees itself, so no row is all -inf)
-            mask = (keys <= queries) & (kv.cache.valid[:, None, None, :start + T] | (keys == queries))
+            valid = kv.cache.valid[:, :start + T] if key_pos is None else kv.cache.valid[:, key_pos]
+            mask = (keys <= queries) & (valid[:, None, None, :] | (keys == queries))
             if self.sparse is not None:  # the pattern's element rule over the tokens' positions: exact
                 from hpcllm.model.attention import pattern_for
                 pat = pattern_for(self.sparse, kv.cache.max_len, self.layer)
@@ -587,8 +607,10 @@ class GPT(nn.Module):
     def new_kv_cache(self, batch: int = 1, max_len: int | None = None, device=None, dtype=None) -> KVCache:
         """An empty cache for generating with this (whole) model."""
         w = self.ln_f.weight
+        # local attention: no query sees W or more positions back, so the cache is a ring of W
+        window = self.cfg.attention_window if self.cfg.attention == "local" else None
         return KVCache(len(self.block_list()), batch, self.cfg.n_kv_head, max_len or self.cfg.seq_len,
-                       self.cfg.head_dim, device or w.device, dtype or w.dtype)
+                       self.cfg.head_dim, device or w.device, dtype or w.dtype, window=window)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_f(x)

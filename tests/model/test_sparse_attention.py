@@ -207,18 +207,23 @@ def test_config_options_resolve_and_errors_are_one_line():
 SEQ = 48
 
 
-def _sparse_model(pos_emb):
+def _sparse_model(pos_emb, attention="bigbird"):
+    extra = dict(attention_global=3, attention_random=2) if attention == "bigbird" else {}
     cfg = preset("tiny", n_layer=2, n_head=2, d_model=32, seq_len=SEQ, vocab_size=257, pos_emb=pos_emb,
-                 attention="bigbird", attention_window=6, attention_global=3, attention_random=2,
-                 attention_block=4)
+                 attention=attention, attention_window=6, attention_block=4, **extra)
     return GPT(cfg, init_seed=1).eval()
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_generation_logits_equal_full_sequence_evaluation(pos_emb):
-    m = _sparse_model(pos_emb)
+#: bigbird with a full cache; local with the windowed cache (a ring of W = 6 positions)
+KINDS = [("learned", "bigbird"), ("rope", "bigbird"), ("learned", "local"), ("rope", "local")]
+
+
+@pytest.mark.parametrize("pos_emb,attention", KINDS)
+def test_generation_logits_equal_full_sequence_evaluation(pos_emb, attention):
+    m = _sparse_model(pos_emb, attention)
     ids = [1, 2, 3, 4, 5]
     cache = m.new_kv_cache(1, SEQ)
+    assert cache.k.shape[3] == (6 if attention == "local" else SEQ)  # local: only the window is kept
     with torch.no_grad():
         out = m(torch.tensor([ids]), kv=cache)[0, -1]
         for _ in range(SEQ - len(ids)):
@@ -227,11 +232,11 @@ def test_generation_logits_equal_full_sequence_evaluation(pos_emb):
             out = m(torch.tensor([ids[-1:]]), kv=cache)[0, -1]
 
 
-@pytest.mark.parametrize("pos_emb", ["learned", "rope"])
-def test_generated_tokens_equal_recomputing_path_and_batches(pos_emb):
+@pytest.mark.parametrize("pos_emb,attention", KINDS)
+def test_generated_tokens_equal_recomputing_path_and_batches(pos_emb, attention):
     from hpcllm.infer.generate import SampleConfig, generate_batch, generate_ids
 
-    m = _sparse_model(pos_emb)
+    m = _sparse_model(pos_emb, attention)
     for prompt in ([5, 6, 7], list(range(10, 40)), list(range(70))):
         runs = [generate_ids(m, prompt, SampleConfig(max_new_tokens=40, temperature=0, kv_cache=kv),
                              seq_len=SEQ, vocab_size=257) for kv in (True, False)]
@@ -240,6 +245,21 @@ def test_generated_tokens_equal_recomputing_path_and_batches(pos_emb):
     sample = SampleConfig(max_new_tokens=12, temperature=0, stop_at_eod=False)
     alone = [generate_ids(m, p, sample, seq_len=SEQ, vocab_size=257) for p in prompts]
     assert generate_batch(m, prompts, sample, seq_len=SEQ, vocab_size=257, batch_size=4) == alone
+
+
+def test_windowed_cache_prompt_longer_than_the_window_in_pieces():
+    """A prompt of 20 (> W = 6) prefilled at once, then in pieces of 4 and 1: the same logits
+    as the full sequence (the ring is read before each call's own keys are written)."""
+    m = _sparse_model("rope", "local")
+    ids = torch.randint(0, 257, (2, 30))
+    with torch.no_grad():
+        want = m(ids)
+        for pieces in ([20, 10], [4] * 7 + [2], [1] * 30):
+            cache, outs, at = m.new_kv_cache(2, SEQ), [], 0
+            for n in pieces:
+                outs.append(m(ids[:, at:at + n], kv=cache))
+                at += n
+            torch.testing.assert_close(torch.cat(outs, 1), want, rtol=0, atol=1e-5)
 
 
 def test_plan_memory_and_time_use_the_pattern():
