@@ -58,6 +58,9 @@ class ParallelGroups:
         self.comm: dict[str, object] = {}
         self.process_set: dict[str, object] = {}
         self.tie = None
+        #: the config to start Horovod with when it is only a candidate backend (no dimension
+        #: reduces gradients with it): see start_horovod / stop_horovod
+        self.horovod_candidate = None
 
     # ---------------------------------------------------------------- where this rank is
     @property
@@ -154,6 +157,19 @@ class ParallelGroups:
                     if host.data_ptr() != t.data_ptr():
                         t.copy_(host)
 
+    def start_horovod(self) -> None:
+        """Start the candidate Horovod (every rank calls this together)."""
+        if self.hvd is None and self.horovod_candidate is not None:
+            self.hvd = _init_horovod(self.horovod_candidate, self.dims, self)
+
+    def stop_horovod(self) -> None:
+        """Shut the candidate Horovod down again (every rank together): nothing uses it, and its
+        background thread would cycle beside the compute."""
+        if self.hvd is not None and self.horovod_candidate is not None:
+            self.hvd.shutdown()
+            self.hvd = None
+            self.process_set.clear()
+
     def abort(self, code: int = 1) -> None:
         """End every rank now (after an unexpected exception on one rank)."""
         if self.world is not None:
@@ -235,7 +251,10 @@ def init_groups(pcfg) -> ParallelGroups:
             if getattr(pcfg, "tp_backend", "auto") == "horovod":
                 raise HpcllmError("--tp-backend horovod: Horovod is not installed") from None
         else:
-            g.hvd = _init_horovod(pcfg, dims, g)
+            if pcfg.tp_backend == "horovod":
+                g.hvd = _init_horovod(pcfg, dims, g)
+            else:  # auto: started only to be measured, after mpi4py (its thread would slow mpi4py's)
+                g.horovod_candidate = pcfg
     set_threads(pcfg, local_size)
     return g
 

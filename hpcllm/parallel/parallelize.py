@@ -126,7 +126,7 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
 
         tp_comm = TPComm(groups.comm.get("tp"), hvd=groups.hvd, process_set=groups.process_set.get("tp"))
         act = micro_batch * gpt_cfg.seq_len * gpt_cfg.d_model * 4
-        tp_comm.choice = choose_backend(tp_comm, act, device, getattr(pcfg, "tp_backend", "auto"))
+        tp_comm.choice = choose_backend(tp_comm, act, device, getattr(pcfg, "tp_backend", "auto"), groups=groups)
         tp_specs = apply_tensor_parallel(gpt, tp_comm, gpt_cfg, getattr(pcfg, "sequence_parallel", False),
                                          stage=module if module is not gpt else None)
     ep_comm, expert_names = None, frozenset()

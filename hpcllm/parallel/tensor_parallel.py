@@ -151,15 +151,22 @@ class TPComm:
         return t[:, self.rank * n:(self.rank + 1) * n]
 
 
-def choose_backend(comm: TPComm, nbytes: int, device, forced: str = "auto", repeats: int = 20) -> dict:
+def choose_backend(comm: TPComm, nbytes: int, device, forced: str = "auto", repeats: int = 20, groups=None) -> dict:
     """Measure the candidates for this group's all-reduces at the block's message size
     (``nbytes``: one micro-batch's activation) on this device, keep the faster (``forced``:
-    mpi4py or horovod as asked), the same on every rank of the group. Returns what was
-    measured (median milliseconds) and chosen, for the run log."""
+    mpi4py or horovod as asked), the same on every rank. Returns what was measured (median
+    milliseconds) and chosen, for the run log.
+
+    With ``groups`` holding a candidate Horovod (no dimension reduces gradients with it),
+    mpi4py is timed first, before Horovod starts (Horovod's background thread slows mpi4py's
+    collectives on CPU ranks), then Horovod is started and timed, and shut down again when
+    mpi4py wins; the choice is then agreed over the whole world (a Horovod shutdown is every
+    rank's)."""
     import statistics
     import time
 
-    cands = ["mpi4py"] + (["horovod"] if comm.hvd is not None else [])
+    candidate = groups is not None and groups.horovod_candidate is not None and groups.hvd is None
+    cands = ["mpi4py"] + (["horovod"] if comm.hvd is not None or candidate else [])
     if forced != "auto":
         if forced not in cands:
             from hpcllm.errors import HpcllmError
@@ -167,8 +174,12 @@ def choose_backend(comm: TPComm, nbytes: int, device, forced: str = "auto", repe
             raise HpcllmError(f"--tp-backend {forced}: not available here (candidates: {', '.join(cands)})")
         cands = [forced]
     probe = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    agree = groups.world if (candidate and groups.world is not None) else comm.comm
     times = {}
     for backend in cands:
+        if backend == "horovod" and comm.hvd is None:
+            groups.start_horovod()
+            comm.hvd, comm.process_set = groups.hvd, groups.process_set.get("tp")
         comm.backend = backend
         samples = []
         for i in range(repeats + 3):
@@ -176,13 +187,16 @@ def choose_backend(comm: TPComm, nbytes: int, device, forced: str = "auto", repe
             comm.allreduce_(probe, where="probe")
             if i >= 3:
                 samples.append(time.perf_counter() - t0)
-        # the group agrees on the slowest rank's view (every rank must pick the same backend)
-        times[backend] = comm.comm.allreduce(statistics.median(samples), op=_mpi_max()) if comm.comm else 0.0
+        # the ranks agree on the slowest rank's view (every rank must pick the same backend)
+        times[backend] = agree.allreduce(statistics.median(samples), op=_mpi_max()) if agree else 0.0
     chosen = min(times, key=times.get)
+    if candidate and chosen == "mpi4py" and groups.hvd is not None:
+        groups.stop_horovod()
+        comm.hvd, comm.process_set = None, None
     comm.backend, comm.seconds = chosen, 0.0
     comm.calls.pop("probe", None)
     return {"chosen": chosen, "bytes": int(nbytes), "median_ms": {k: round(v * 1e3, 4) for k, v in times.items()},
-            "forced": forced != "auto"}
+            "forced": forced != "auto", "horovod_stopped": bool(candidate and chosen == "mpi4py")}
 
 
 def _mpi_max():

@@ -224,6 +224,7 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         log(groups, f"tensor parallel: {dims.tp} ranks per model part (heads, MLP columns/rows and vocabulary "
             f"split){', sequence parallel' if pc.sequence_parallel else ''}; collectives over {ch['chosen']} "
             f"({'as asked' if ch['forced'] else 'the faster'}: all-reduce of {ch['bytes'] / 1024:.0f} KiB {measured})"
+            + ("; Horovod, started to be measured, shut down again" if ch.get("horovod_stopped") else "")
             + ("; mpi4py stages CUDA tensors through host memory" if device.type == "cuda" and ch["chosen"] == "mpi4py"
                else ""))
     if dims.pp > 1:
