@@ -7,11 +7,11 @@ Same model, batch and precision (fp32, micro-batch 4, accumulation 1) in every c
 - **hpcllm T=1, 1 thread** (``--threads 1``) and **T=1, 2 threads** (``--threads 2``): one
   process, the same two cores' worth of hardware as two ranks in the second case;
 - **hpcllm T=2** (``mpirun -np 2 ... --tensor-parallel 2``, 1 thread per rank) and **T=2 SP**
-  (``--sequence-parallel`` as well), both with the default ``--tp-backend auto``: Horovod is
-  started beside MPI, both backends time an all-reduce at startup and the faster is kept
-  (column ``coll.``: the kept round's choice; every run's choice and startup timings are in
-  the JSON); **T=2 mpi4py** (``--tp-backend mpi4py``: mpi4py without starting Horovod, so no
-  Horovod background thread cycles beside the compute);
+  (``--sequence-parallel`` as well), both with the default ``--tp-backend auto``: mpi4py times
+  an all-reduce at startup, then Horovod is started and timed, the faster is kept, and Horovod
+  is shut down again when mpi4py wins (nothing else uses it without data parallelism; column
+  ``coll.``: the kept round's choice; every run's choice and startup timings are in the JSON);
+  **T=2 mpi4py** (``--tp-backend mpi4py``: mpi4py without ever starting Horovod);
 - **DTensor T=2**: PyTorch's ``torch.distributed.tensor.parallel`` (``ColwiseParallel`` on
   ``attn.qkv`` / ``mlp.fc``, ``RowwiseParallel`` on ``attn.proj`` / ``mlp.proj``) over gloo, 2
   ranks x 1 thread, on hpcllm's own GPT with the same initialisation, batches, AdamW, learning

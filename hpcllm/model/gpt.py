@@ -537,7 +537,7 @@ class Block(nn.Module):
         if _is_moe(cfg, layer):
             from hpcllm.model.moe import MoEMLP
 
-            self.mlp = MoEMLP(cfg, layer)
+            self.mlp = MoEMLP(cfg, layer, make_expert=lambda: MLP(cfg))
         else:
             self.mlp = MLP(cfg)
 

@@ -160,18 +160,18 @@ class MoEStats:
 
 
 class MoEMLP(nn.Module):
-    """The mixture: ``router`` (d_model -> E, no bias) and ``experts`` (see the module doc)."""
+    """The mixture: ``router`` (d_model -> E, no bias) and ``experts`` (see the module doc),
+    each built by ``make_expert()``."""
 
-    def __init__(self, cfg, layer: int = 0):
+    def __init__(self, cfg, layer: int = 0, make_expert=None):
         super().__init__()
-        from hpcllm.model.gpt import MLP
-
         self.layer = layer
         self.n_experts, self.top_k = cfg.moe_experts, cfg.moe_top_k
         self.capacity_factor = cfg.moe_capacity_factor
         self.aux_coef, self.z_coef = cfg.moe_aux_loss_coef, cfg.moe_z_loss_coef
         self.router = nn.Linear(cfg.d_model, cfg.moe_experts, bias=False)
-        self.experts = nn.ModuleDict({str(e): MLP(cfg) for e in range(cfg.moe_experts)})
+        # make_expert: the architecture's MLP (gpt.py passes it; this module imports nothing of gpt)
+        self.experts = nn.ModuleDict({str(e): make_expert() for e in range(cfg.moe_experts)})
         #: None: every expert is here; expert parallelism installs its token dispatcher
         self.dispatcher = None
         #: d(reported loss)/d(aux loss) of the current step's passes (see set_grad_scale)

@@ -111,7 +111,7 @@ class Shape:
 
         # a block's mean parameters (a mixture of experts holds all E experts; its FLOPs count k)
         blocks = sum(gpt.block_param_count(cfg, i) for i in range(cfg.n_layer))
-        block = blocks / cfg.n_layer
+        block = round(blocks / cfg.n_layer)
         embed = cfg.padded_vocab * cfg.d_model + (cfg.seq_len * cfg.d_model if cfg.pos_emb == "learned" else 0)
         total = gpt.param_count(cfg)
         # final norm + head matrix (tied: a copy of the embedding the total counted once)

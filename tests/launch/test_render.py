@@ -100,7 +100,8 @@ def _value_for(spec):
     if spec.type is float:
         return spec.default / 2 if spec.default else 0.5
     if spec.type is int:
-        return {"d_model": 96}.get(spec.name, spec.default + 1 if spec.default is not None else 3)
+        return {"d_model": 96, "moe_top_k": 2, "moe_experts": 4}.get(
+            spec.name, spec.default + 1 if spec.default is not None else 3)
     return f"v {spec.name} 'x'"
 
 
