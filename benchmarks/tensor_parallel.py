@@ -72,6 +72,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+from zero import free_port, make_dataset, shape_args  # noqa: E402  (the ZeRO benchmark's dataset and shapes)
+
 RESULTS = REPO / "benchmarks" / "results" / "tensor_parallel.json"
 WORKER = REPO / "benchmarks" / "tp_dtensor_worker.py"
 SHAPES = {"4x": dict(n_layer=8, n_head=6, d_model=384, seq_len=256),
@@ -103,39 +106,11 @@ def mpirun(np_: int) -> list[str]:
     return cmd
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def env(threads: int = 1) -> dict:
     e = dict(os.environ)
     e.update({"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
               "MASTER_PORT": str(free_port())})
     return e
-
-
-def make_dataset(where: Path) -> Path:
-    """A byte-tokenized dataset of generated sentences (enough windows for every run)."""
-    import random
-
-    from hpcllm.data.preprocess import run_preprocess
-
-    rng = random.Random(0)
-    words = "the cluster a rank scheduler node model job trains allreduces shards tokens loss".split()
-    src = where / "src.jsonl"
-    with open(src, "w") as f:
-        for _ in range(3000):
-            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(40, 200)))}) + "\n")
-    out = where / "ds"
-    run_preprocess([str(src)], str(out), tokenizer="byte", val_fraction=0.01, workers=1)
-    return out
-
-
-def shape_args(shape: dict) -> list[str]:
-    return ["--model", "tiny", "--n-layer", str(shape["n_layer"]), "--n-head", str(shape["n_head"]),
-            "--d-model", str(shape["d_model"]), "--seq-len", str(shape["seq_len"])]
 
 
 def busy_cpu_s() -> float:

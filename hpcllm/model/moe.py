@@ -130,7 +130,8 @@ def _in_backward() -> bool:
 
 
 class MoEStats:
-    """Routing statistics since the last :meth:`take` (training passes only)."""
+    """Routing statistics since the last :meth:`take` (training passes only). The sums stay
+    tensors on the model's device until :meth:`take`: a pass adds no device synchronisation."""
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
@@ -138,23 +139,23 @@ class MoEStats:
 
     def reset(self) -> None:
         self.passes = 0
-        self.aux = 0.0
-        self.z = 0.0
-        self.wanted = torch.zeros(self.n_experts, dtype=torch.float64, device="cpu")  # (modules may be built on meta)
+        self.aux = self.z = self.wanted = None
         self.dropped = 0
-        self.assignments = 0
 
     def add(self, aux: torch.Tensor, z: torch.Tensor | None, wanted: torch.Tensor, dropped: int) -> None:
         self.passes += 1
-        self.aux += float(aux)
-        self.z += float(z) if z is not None else 0.0
-        self.wanted += wanted.detach().cpu().to(torch.float64)
+        acc = lambda total, x: x.detach().double() if total is None else total + x.detach()  # noqa: E731
+        self.aux = acc(self.aux, aux)
+        if z is not None:
+            self.z = acc(self.z, z)
+        self.wanted = acc(self.wanted, wanted)
         self.dropped += dropped
-        self.assignments += int(wanted.sum())
 
     def take(self) -> dict:
-        out = {"passes": self.passes, "aux": self.aux, "z": self.z, "wanted": self.wanted.tolist(),
-               "dropped": self.dropped, "assignments": self.assignments}
+        wanted = self.wanted.tolist() if self.wanted is not None else [0.0] * self.n_experts
+        out = {"passes": self.passes, "aux": float(self.aux) if self.aux is not None else 0.0,
+               "z": float(self.z) if self.z is not None else 0.0, "wanted": wanted,
+               "dropped": self.dropped, "assignments": int(sum(wanted))}
         self.reset()
         return out
 
@@ -211,6 +212,15 @@ class MoEMLP(nn.Module):
             if total.requires_grad:
                 out = _AddAuxGrad.apply(out, total, self.grad_scale)
         return out.view(*shape[:-1], out.shape[-1])
+
+
+def describe(cfg) -> str:
+    """One line for the run log: which blocks are mixtures and how they route."""
+    return (f"mixture of experts: blocks {', '.join(map(str, moe_layers(cfg)))} of {cfg.n_layer}, "
+            f"{cfg.moe_experts} experts, top-{cfg.moe_top_k}, "
+            + (f"capacity factor {cfg.moe_capacity_factor:g}" if cfg.moe_capacity_factor else "dropless")
+            + f", aux loss x {cfg.moe_aux_loss_coef:g}"
+            + (f", z-loss x {cfg.moe_z_loss_coef:g}" if cfg.moe_z_loss_coef else ""))
 
 
 def moe_modules(module: nn.Module) -> list[MoEMLP]:

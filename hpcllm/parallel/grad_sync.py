@@ -168,12 +168,12 @@ class GradSync:
             self.scaled.add(name)
             return
         wire, ctx = self.compression.compress(g if g.is_contiguous() else g.contiguous())
-        if name in self.expert_names:  # the sum over the expert's replicas, over all D replicas' tokens
-            handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Sum,
-                                               postscale_factor=1.0 / self.dp_size, process_set=self.edp_set)
-        else:
-            handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}", op=self.hvd.Average,
-                                               process_set=self.process_set)
+        # an expert: the sum over its replicas (its gradient holds their expert groups' tokens) / D
+        expert = name in self.expert_names
+        handle = self.hvd.allreduce_async_(wire, name=f"hpcllm.grad.{name}",
+                                           op=self.hvd.Sum if expert else self.hvd.Average,
+                                           postscale_factor=1.0 / self.dp_size if expert else 1.0,
+                                           process_set=self.edp_set if expert else self.process_set)
         self.inflight[name] = (handle, p, wire, ctx)
 
     # ---- after the backward

@@ -132,7 +132,6 @@ def parallelize(gpt_cfg, groups, pcfg, *, seed: int, device, autocast, micro_bat
     ep_comm, expert_names = None, frozenset()
     if groups.dims.ep > 1:
         from hpcllm.parallel.expert_parallel import EPComm, apply_expert_parallel
-
         from hpcllm.parallel.expert_parallel import choose_backend as choose_ep_backend
 
         ep_comm = EPComm(groups.comm["ep"], hvd=groups.hvd, process_set=groups.process_set.get("ep"))

@@ -94,8 +94,6 @@ class Flat:
         size = self.padded // n
         self.lo, self.hi = rank * size, (rank + 1) * size
         self._pieces: list[tuple] | None = None
-        #: expert parameters: sharded over the expert-data-parallel group (set by ZeroSync)
-        self.expert = False
         self.full = torch.zeros(self.padded, dtype=torch.float32, device=device)
         self.params: list[torch.nn.Parameter] = []
         self.shard: torch.Tensor | None = None      # this rank's range of the buffer
@@ -105,6 +103,11 @@ class Flat:
         self.piece_names: list[str] = []
         self.piece_tensors: list[torch.Tensor] = []
         self.grad_full: torch.Tensor | None = None  # stage 1: the full gradient buffer
+
+    @property
+    def expert(self) -> bool:
+        """Expert parameters: sharded over the expert-data-parallel group."""
+        return self.kind.startswith("expert_")
 
     def view(self, i: int) -> torch.Tensor:
         o = self.offsets[i]
@@ -244,7 +247,6 @@ class ZeroSync:
                 expert = kind.startswith("expert_")
                 flat = Flat(uname, kind, members, self.edp_n if expert else self.n,
                             self.edp_rank if expert else self.rank_in_dp, self.device)
-                flat.expert = expert
                 fresh = []
                 for i, (n, old) in enumerate(members):
                     new = torch.nn.Parameter(flat.view(i), requires_grad=True)
@@ -462,13 +464,10 @@ class ZeroSync:
                 entries.append((None, fl, gs, None))
                 continue
             wires, ctxs = zip(*(self.compression.compress(g) for g in gs))
-            if expert:
-                handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}{key}",
-                                                              op=self.hvd.Sum, postscale_factor=1.0 / self.n,
-                                                              process_set=ps)
-            else:
-                handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}{key}",
-                                                              op=self.hvd.Average, process_set=ps)
+            handle = self.hvd.grouped_reducescatter_async(list(wires), name=f"hpcllm.zero.rs.{unit.name}{key}",
+                                                          op=self.hvd.Sum if expert else self.hvd.Average,
+                                                          postscale_factor=1.0 / self.n if expert else 1.0,
+                                                          process_set=ps)
             entries.append((handle, fl, list(wires), list(ctxs)))
             self.reduces += 1
             if self.reduces == self.kill_at:  # the test hook: die with the collective under way

@@ -164,15 +164,13 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
     # other ranks of its expert group, which hold other experts)
     if grad_sync.replicated:
         experts = par.expert_names
-        state = dict(module.state_dict())
-        groups.broadcast_tensors({k: v for k, v in state.items() if k not in experts})
         by_param = {p: n for n, p in module.named_parameters()}
-        moments = {f"{by_param[p]}.{k}": v for p, st in optimizer.state.items() for k, v in st.items()
-                   if torch.is_tensor(v)}
-        groups.broadcast_tensors({k: v for k, v in moments.items() if k.rsplit(".", 1)[0] not in experts})
+        tensors = [(n, n, v) for n, v in module.state_dict().items()]
+        tensors += [(by_param[p], f"{by_param[p]}.{k}", v) for p, st in optimizer.state.items()
+                    for k, v in st.items() if torch.is_tensor(v)]
+        groups.broadcast_tensors({key: v for n, key, v in tensors if n not in experts})
         if experts:
-            groups.broadcast_tensors({k: v for k, v in state.items() if k in experts}, dim="edp")
-            groups.broadcast_tensors({k: v for k, v in moments.items() if k.rsplit(".", 1)[0] in experts}, dim="edp")
+            groups.broadcast_tensors({key: v for n, key, v in tensors if n in experts}, dim="edp")
 
     tokens_per_step = global_batch * gpt_cfg.seq_len
     fpt = flops_per_token(gpt_cfg)
@@ -201,19 +199,17 @@ def _train(cfg: TrainConfig, groups, plan: Plan, stop: StopRequest) -> int:
         + (f" ({param_count(gpt_cfg, active=True) / 1e6:.2f}M active per token)" if gpt_cfg.moe_experts else "")
         + f", {fpt / 1e6:.2f} MFLOP/token; precision {precision} on {device}")
     if gpt_cfg.moe_experts:
-        from hpcllm.model.moe import moe_layers
+        from hpcllm.model.moe import describe as describe_moe
 
-        ml = moe_layers(gpt_cfg)
-        log(groups, f"mixture of experts: blocks {', '.join(map(str, ml))} of {gpt_cfg.n_layer}, "
-            f"{gpt_cfg.moe_experts} experts, top-{gpt_cfg.moe_top_k}, "
-            + (f"capacity factor {gpt_cfg.moe_capacity_factor:g}" if gpt_cfg.moe_capacity_factor else "dropless")
-            + f", aux loss x {gpt_cfg.moe_aux_loss_coef:g}"
-            + (f", z-loss x {gpt_cfg.moe_z_loss_coef:g}" if gpt_cfg.moe_z_loss_coef else "")
-            + (f"; expert parallel: {dims.ep} ranks per expert group ({gpt_cfg.moe_experts // dims.ep} experts "
-               f"each), {dims.dp // dims.ep} group{'s' if dims.dp // dims.ep > 1 else ''}, token all-to-all over "
-               f"{par.ep_comm.backend} (" + ("as asked" if par.ep_comm.choice["forced"] else "the faster")
-               + ": " + ", ".join(f"{k} {v:.3f} ms" for k, v in par.ep_comm.choice["median_ms"].items())
-               + f" for {par.ep_comm.choice['bytes'] / 1024:.0f} KiB per peer)" if dims.ep > 1 else ""))
+        line = describe_moe(gpt_cfg)
+        if dims.ep > 1:
+            ch = par.ep_comm.choice
+            line += (f"; expert parallel: {dims.ep} ranks per expert group ({gpt_cfg.moe_experts // dims.ep} "
+                     f"experts each), {dims.dp // dims.ep} group{'s' if dims.dp // dims.ep > 1 else ''}, token "
+                     f"all-to-all over {par.ep_comm.backend} ({'as asked' if ch['forced'] else 'the faster'}: "
+                     + ", ".join(f"{k} {v:.3f} ms" for k, v in ch["median_ms"].items())
+                     + f" for {ch['bytes'] / 1024:.0f} KiB per peer)")
+        log(groups, line)
     if getattr(gpt_cfg, "attention", "dense") != "dense":
         from hpcllm.model.attention import describe as describe_attention
 
